@@ -427,6 +427,12 @@ class VaultFile:
                 raise self.damaged("scrypt parameters are missing or invalid")
             if params["n"] > 2 ** 24 or params["r"] * params["p"] > 2 ** 10:
                 raise self.damaged("scrypt parameters are out of range")
+            if params["n"] < 2 or params["n"] & (params["n"] - 1):
+                raise self.damaged("scrypt parameter n is not a power of 2")
+            try:
+                b64decode(params["salt"], "scrypt salt")
+            except VaultError:
+                raise self.damaged("scrypt salt is not valid base64") from None
         return header
 
     def damaged(self, reason):
@@ -484,7 +490,7 @@ class Vault:
                 data_key, document = self._decrypt(vault_file)
                 header, kek = vault_file.header, self._kek(vault_file)
             result = mutate(document)
-            write_file_atomic(self.path, build_vault_file(header, data_key, kek, document))
+            self._write(build_vault_file(header, data_key, kek, document))
             return result
 
     def rewrap(self, kind, passphrase=None):
@@ -497,10 +503,17 @@ class Vault:
             else:
                 data_key, document = self._decrypt(vault_file)
             header, kek = self._kek_for_new_kind(kind, passphrase)
-            write_file_atomic(self.path, build_vault_file(header, data_key, kek, document))
+            self._write(build_vault_file(header, data_key, kek, document))
         if kind != KEK_KEY_FILE and os.path.exists(self.key_path):
             # The new wrap is on disk and fsynced, so the old key file no longer opens anything.
             os.unlink(self.key_path)
+
+    def _write(self, data):
+        try:
+            write_file_atomic(self.path, data)
+        except OSError as exc:
+            raise VaultError("cannot write vault %s: %s; the previous version was kept"
+                             % (self.path, exc.strerror or exc)) from None
 
     def _read_file(self):
         try:
@@ -563,7 +576,10 @@ class Vault:
         if passphrase:
             return passphrase
         if self.passphrase_prompt is not None:
-            passphrase = self.passphrase_prompt("Vault passphrase: ")
+            try:
+                passphrase = self.passphrase_prompt("Vault passphrase: ")
+            except LoginError:
+                passphrase = None  # no terminal, or the prompt was cancelled: a vault error below
             if passphrase:
                 return passphrase
         raise VaultError("vault %s is locked by a passphrase: set AUTHSOME_PASSPHRASE or run the "
@@ -603,7 +619,12 @@ class Vault:
 
     def _create_or_read_key_file(self):
         if os.path.exists(self.key_path):
-            return self._read_key_file()
+            try:
+                return self._read_key_file()
+            except VaultError:
+                # Callers hold the lock and are about to wrap the data key under this file, so
+                # no vault depends on it yet: one cut short by a crash is replaced.
+                os.unlink(self.key_path)
         key = os.urandom(32)
         fd = open_private(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         with os.fdopen(fd, "wb") as handle:
@@ -1505,23 +1526,39 @@ def _to_affine(point):
     return (x * z_inv2 % P256_P, y * z_inv2 * z_inv % P256_P)
 
 
+def _batch_to_affine(points):
+    """Convert Jacobian points to affine with one modular inversion (Montgomery's trick)."""
+    p = P256_P
+    prefix = [1]
+    for _, _, z in points:
+        prefix.append(prefix[-1] * z % p)
+    inverse = pow(prefix[-1], -1, p)
+    affine = [None] * len(points)
+    for index in range(len(points) - 1, -1, -1):
+        x, y, z = points[index]
+        z_inv = inverse * prefix[index] % p
+        inverse = inverse * z % p
+        z_inv2 = z_inv * z_inv % p
+        affine[index] = (x * z_inv2 % p, y * z_inv2 * z_inv % p)
+    return affine
+
+
 @functools.lru_cache(maxsize=None)
 def _generator_table():
     """Build rows i = 0..63 of affine multiples j * 16**i * G for j = 1..15.
 
-    The table is built once per process on first use, which took 25-30 ms with
-    CPython 3.9 and 3.13 on the development machine (a Xeon server).
+    Built once per process on first use; one batched inversion per row keeps it to a few
+    milliseconds.
     """
     table = []
     base = P256_G
     for _ in range(64):
-        row = [base]
-        total = (base[0], base[1], 1)
-        for _ in range(14):
-            total = _jacobian_add_affine(total, base)
-            row.append(_to_affine(total))
-        table.append(row)
-        base = _to_affine(_jacobian_add_affine(total, base))
+        multiples = [(base[0], base[1], 1)]
+        for _ in range(15):
+            multiples.append(_jacobian_add_affine(multiples[-1], base))
+        affine = _batch_to_affine(multiples)
+        table.append(affine[:15])
+        base = affine[15]
     return table
 
 
@@ -2449,7 +2486,8 @@ class ProxyServer:
         self.limits = limits or ProxyLimits()
         self.deny_unmatched = deny_unmatched
         self.token = secrets.token_urlsafe(24)
-        self.upstream_context = upstream_context or self._default_upstream_context()
+        self._upstream_context = upstream_context
+        self._context_ready = threading.Event()
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(256)
@@ -2460,14 +2498,24 @@ class ProxyServer:
         self._closed = False
         self._auth_value = b64encode(("authsome:%s" % self.token).encode())
 
-    @staticmethod
-    def _default_upstream_context():
-        # Verifies against the system trust, which OpenSSL extends with $SSL_CERT_FILE.
-        context = ssl.create_default_context()
-        context.set_alpn_protocols(["http/1.1"])
-        return context
+    @property
+    def upstream_context(self):
+        self._context_ready.wait()
+        return self._upstream_context
+
+    def _load_upstream_context(self):
+        # Loading the system trust store takes tens of milliseconds, so it happens in the
+        # background while the child starts. OpenSSL also honours $SSL_CERT_FILE here.
+        try:
+            if self._upstream_context is None:
+                context = ssl.create_default_context()
+                context.set_alpn_protocols(["http/1.1"])
+                self._upstream_context = context
+        finally:
+            self._context_ready.set()
 
     def start(self):
+        threading.Thread(target=self._load_upstream_context, daemon=True).start()
         threading.Thread(target=self._accept_loop, name="authsome-accept", daemon=True).start()
 
     def close(self):
@@ -3635,8 +3683,16 @@ def main(argv=None):
         ctx = Context()
         if args.command == "run":
             command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-            return run_with_proxy(command, ctx.home, args.connection, args.connect_to,
-                                  args.deny_unmatched)
+            try:
+                code = run_with_proxy(command, ctx.home, args.connection, args.connect_to,
+                                      args.deny_unmatched)
+            except AuthsomeError as exc:
+                code = report_error(exc, as_json)
+            # Proxy threads may still sit in OpenSSL calls; interpreter finalization under
+            # them can crash, and nothing is left to clean up, so leave at once.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         if args.command == "export":
             variables = export_variables(ctx, args.provider, args.connection)
             ctx.err.write("warning: these secrets are now in your shell's environment; "
