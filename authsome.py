@@ -425,7 +425,10 @@ class VaultFile:
                 isinstance(params.get(name), int) and params[name] > 0 for name in ("n", "r", "p"))
             if not valid or not isinstance(params.get("salt"), str):
                 raise self.damaged("scrypt parameters are missing or invalid")
-            if params["n"] > 2 ** 24 or params["r"] * params["p"] > 2 ** 10:
+            # hashlib.scrypt rejects maxmem >= 2^31 and derive_passphrase_key passes 256*n*r*p,
+            # so n*r*p stays at or below 2^22 (512 MiB of scrypt memory).
+            if (params["n"] > 2 ** 24 or params["r"] * params["p"] > 2 ** 10
+                    or params["n"] * params["r"] * params["p"] > 2 ** 22):
                 raise self.damaged("scrypt parameters are out of range")
             if params["n"] < 2 or params["n"] & (params["n"] - 1):
                 raise self.damaged("scrypt parameter n is not a power of 2")
@@ -579,7 +582,7 @@ class Vault:
             try:
                 passphrase = self.passphrase_prompt("Vault passphrase: ")
             except LoginError:
-                passphrase = None  # no terminal, or the prompt was cancelled: a vault error below
+                passphrase = None  # no terminal or a cancelled prompt ends in the VaultError below
             if passphrase:
                 return passphrase
         raise VaultError("vault %s is locked by a passphrase: set AUTHSOME_PASSPHRASE or run the "
@@ -723,10 +726,21 @@ def parse_api_url(entry, provider_name, fail):
             fail("%r must be https://host[:port][/path-prefix] without query or fragment" % entry)
         host = normalize_host(parts.hostname)
         return Route(provider_name, host=host, port=port, path_prefix=parts.path.rstrip("/"))
-    host, _, port_text = entry.partition(":") if entry.count(":") == 1 else (entry, "", "")
-    host = normalize_host(host)
-    if not HOST_RE.match(host) or (port_text and not port_text.isdigit()):
+    bracketed = re.match(r"^\[([^\]]*)\](?::([0-9]{1,5}))?$", entry)
+    if bracketed:  # an IPv6 literal, [::1] or [::1]:8443
+        host, port_text = bracketed.group(1), bracketed.group(2) or ""
+    elif entry.startswith("["):
         fail("%r is not a host name, an https:// URL or a regex: pattern" % entry)
+    else:
+        host, _, port_text = entry.partition(":") if entry.count(":") == 1 else (entry, "", "")
+    host = normalize_host(host)
+    try:
+        host = str(ipaddress.ip_address(host))  # IP literals are legitimate routes
+    except ValueError:
+        if bracketed or not HOST_RE.match(host):
+            fail("%r is not a host name, an https:// URL or a regex: pattern" % entry)
+    if port_text and (not port_text.isdigit() or not 0 < int(port_text) < 65536):
+        fail("%r has an invalid port" % entry)
     return Route(provider_name, host=host, port=int(port_text or 443))
 
 
@@ -746,6 +760,9 @@ class Provider:
         self.api_key = data.get("api_key") or {}
         self.oauth = data.get("oauth") or {}
         self.export = data.get("export") or {}
+        if not self.export and self.auth_type == "api_key" and self.api_key.get("env_var"):
+            # A file with only api_key.env_var still names the variable that carries the key.
+            self.export = {self.api_key["env_var"]: "API_KEY"}
         self.routes = [parse_api_url(entry, self.name, self._never_fails) for entry in self.api_urls]
 
     @staticmethod
@@ -933,11 +950,20 @@ class Catalog:
     def get(self, name):
         provider = self.providers.get(name)
         if provider is None:
-            import difflib
-            close = difflib.get_close_matches(name, list(self.providers), n=1)
-            hint = "; did you mean %s?" % close[0] if close else "; run 'authsome list' to see them"
-            raise NotFoundError("unknown provider %r%s" % (name, hint))
+            close = self.suggest(name)
+            names = ", ".join(close[:-1]) + " or " + close[-1] if len(close) > 1 else "".join(close)
+            hint = ("did you mean %s?" % names) if close else "no similar name"
+            raise NotFoundError("unknown provider %r: %s (all providers: authsome list)"
+                                % (name, hint))
         return provider
+
+    def suggest(self, name):
+        """Return up to three provider names close to `name`, for 'did you mean' hints."""
+        import difflib
+        names = sorted(self.providers)
+        close = difflib.get_close_matches(name.lower(), names, n=3, cutoff=0.5)
+        prefixed = [other for other in names if len(name) >= 2 and other.startswith(name.lower())]
+        return (close + [other for other in prefixed if other not in close])[:3]
 
     def __iter__(self):
         return iter(sorted(self.providers.values(), key=lambda provider: provider.name))
@@ -1005,6 +1031,7 @@ STATUS_INVALID = "invalid"
 AUDIT_FILE = "audit.log"
 AUDIT_MAX_BYTES = 1024 * 1024
 AUDIT_KEEP = 3
+ENCODED_DOT_RE = re.compile("%2[eE]")
 
 
 def check_connection_name(name):
@@ -1083,19 +1110,53 @@ def register_record_secrets(record):
         secret_filter.register(record.get(field))
 
 
+class AuditLog:
+    """Appends JSON lines to one audit log file, keeping the file open between entries."""
+
+    CHECK_EVERY = 200  # entries between checks for rotation by this or another process
+
+    def __init__(self, home):
+        self.home = home
+        self.path = os.path.join(home, AUDIT_FILE)
+        self.fd = None
+        self.written = 0
+        self.lock = threading.Lock()
+
+    def write(self, line):
+        with self.lock:
+            if self.fd is None or self.written >= self.CHECK_EVERY:
+                self._reopen()
+            os.write(self.fd, line)
+            self.written += 1
+
+    def _reopen(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        ensure_private_dir(self.home)
+        if os.path.exists(self.path) and os.path.getsize(self.path) > AUDIT_MAX_BYTES:
+            rotate_audit_log(self.home, self.path)
+        self.fd = open_private(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        self.written = 0
+
+
+_audit_logs = {}
+_audit_logs_lock = threading.Lock()
+
+
 def audit(home, event, **fields):
     """Append one JSON line to the audit log; fields must never hold a secret value."""
     entry = {"time": iso_time(), "event": event}
     entry.update({key: value for key, value in fields.items() if value is not None})
     line = secret_filter.mask(json.dumps(entry, sort_keys=True)) + "\n"
-    path = os.path.join(home, AUDIT_FILE)
+    with _audit_logs_lock:
+        audit_log = _audit_logs.get(home)
+        if audit_log is None:
+            audit_log = _audit_logs[home] = AuditLog(home)
     try:
-        ensure_private_dir(home)
-        if os.path.exists(path) and os.path.getsize(path) > AUDIT_MAX_BYTES:
-            rotate_audit_log(home, path)
-        append_private(path, line.encode("utf-8"))
+        audit_log.write(line.encode("utf-8"))
     except OSError as exc:
-        log.warning("cannot write audit log %s: %s", path, exc.strerror)
+        log.warning("cannot write audit log %s: %s", audit_log.path, exc.strerror)
 
 
 def rotate_audit_log(home, path):
@@ -1175,7 +1236,7 @@ def normalize_request_path(target):
     path = target.split("?", 1)[0].split("#", 1)[0]
     if "://" in path:
         path = "/" + path.split("://", 1)[1].partition("/")[2]
-    path = re.sub("%2[eE]", ".", path)
+    path = ENCODED_DOT_RE.sub(".", path)
     output = []
     for segment in path.split("/"):
         if segment == "..":
@@ -1296,6 +1357,7 @@ class KeyFormServer:
         self.accept = accept
         self.token = secrets.token_urlsafe(24)
         self.done = threading.Event()
+        self.failure = None  # an AuthsomeError raised while storing the key ends the login
         self.httpd = self._bind(port)
         self.port = self.httpd.server_address[1]
         self.url = "http://127.0.0.1:%d/?token=%s" % (self.port, self.token)
@@ -1320,6 +1382,8 @@ class KeyFormServer:
         try:
             if not self.done.wait(timeout):
                 raise LoginError("login timed out after %d seconds without a key" % timeout)
+            if self.failure is not None:
+                raise self.failure
         finally:
             self.httpd.shutdown()
             self.httpd.server_close()
@@ -1354,7 +1418,15 @@ class KeyFormServer:
                 token = fields.get("token", "")
                 if not hmac.compare_digest(token.encode(), form.token.encode()):
                     return self._reject_token()
-                error = form.accept(fields.get("key", ""))
+                try:
+                    error = form.accept(fields.get("key", ""))
+                except AuthsomeError as exc:
+                    import html
+                    form.failure = exc
+                    self._send(500, form_page("Login failed", '<p class="error" role="alert">%s</p>'
+                                              % html.escape(str(exc))))
+                    form.done.set()
+                    return
                 if error:
                     return self._send(400, key_form(form.provider, form.token, error))
                 done = ('<p class="ok">Your %s key is saved. You can close this tab.</p>'
@@ -1457,6 +1529,926 @@ def login_api_key(home, provider, connection, mode, port=LOGIN_PORT, stdin=None,
     problem = store(key)
     if problem:
         raise LoginError("%s; nothing was stored" % problem)
+
+
+# ---------------------------------------------------------------------------------------------
+# oauth2
+# ---------------------------------------------------------------------------------------------
+# Authorization code with PKCE (RFC 7636) on a loopback redirect (RFC 8252), the device
+# authorization grant (RFC 8628), dynamic client registration (RFC 7591) with metadata discovery
+# (RFC 8414, then OpenID Connect discovery), refresh at use and revocation (RFC 7009). The OAuth
+# client of a provider is the vault record clients[provider]: client_id, client_secret (None for
+# a public client), token_endpoint_auth_method, and for registered clients `registered`,
+# `redirect_uri` and the discovered `endpoints`. Token values never reach a log line, an error
+# message or the audit log.
+
+OAUTH_HTTP_TIMEOUT = 30.0
+REVOKE_TIMEOUT = 10.0
+OAUTH_MAX_RESPONSE = 1024 * 1024
+REFRESH_MARGIN = 300  # seconds: an access token with less than this left is refreshed at use
+REFRESH_RETRY_AFTER = 30.0  # seconds between failed refresh attempts of one run proxy
+REFRESH_LOCK_TIMEOUT = 90.0  # longer than one token request, so waiters outlast the refresher
+DEVICE_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
+DEVICE_DEFAULT_INTERVAL = 5  # RFC 8628 3.2
+DEVICE_DEFAULT_LIFETIME = 900
+CALLBACK_PATH = "/callback"
+METADATA_FIELDS = {"authorization_endpoint": "authorization_url", "token_endpoint": "token_url",
+                   "revocation_endpoint": "revocation_url",
+                   "device_authorization_endpoint": "device_authorization_url",
+                   "registration_endpoint": "registration_endpoint"}
+
+
+def one_line(text, limit=300):
+    """Collapse `text` (a provider's words, say) to one short line with known secrets masked."""
+    text = re.sub(r"\s+", " ", CONTROL_CHARS_RE.sub(" ", str(text))).strip()
+    text = secret_filter.mask(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def endpoint_label(url):
+    """The URL without query or fragment, for messages."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    return "%s://%s%s" % (parts.scheme, parts.netloc, parts.path)
+
+
+def is_endpoint_url(url):
+    """True for an https:// URL, or http:// on a loopback address (as provider validation)."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        parts.port
+    except (ValueError, TypeError, AttributeError):
+        return False
+    if not parts.hostname:
+        return False
+    loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+    return parts.scheme == "https" or (parts.scheme == "http" and loopback)
+
+
+def oauth_http(url, form=None, json_body=None, headers=None, timeout=OAUTH_HTTP_TIMEOUT,
+               what="token endpoint", error_class=LoginError):
+    """Send one request to a provider endpoint; return (status, content type, body bytes).
+
+    TLS is verified by the default context, which honours SSL_CERT_FILE. Redirects are not
+    followed, so a body that carries a code or a secret goes only to the configured URL. A
+    network failure raises `error_class` with one line naming the endpoint.
+    """
+    import http.client
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlencode
+
+    class RefuseRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None  # urllib then raises HTTPError with the 3xx status
+
+    request_headers = {"Accept": "application/json", "User-Agent": "authsome/%s" % __version__}
+    data = None
+    if json_body is not None:
+        data = json.dumps(json_body).encode("utf-8")
+        request_headers["Content-Type"] = "application/json"
+    elif form is not None:
+        data = urlencode(form).encode("ascii")
+        request_headers["Content-Type"] = "application/x-www-form-urlencoded"
+    request_headers.update(headers or {})
+    request = urllib.request.Request(url, data=data, headers=request_headers,
+                                     method="POST" if data is not None else "GET")
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPSHandler(context=ssl.create_default_context()), RefuseRedirect)
+    log.info("%s %s", request.get_method(), endpoint_label(url))
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return (response.status, response.headers.get("Content-Type", ""),
+                    response.read(OAUTH_MAX_RESPONSE))
+    except urllib.error.HTTPError as exc:
+        with contextlib.closing(exc):
+            body = exc.read(OAUTH_MAX_RESPONSE) if exc.fp is not None else b""
+        content_type = exc.headers.get("Content-Type", "") if exc.headers is not None else ""
+        return exc.code, content_type, body
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise error_class("cannot reach the %s %s: %s"
+                          % (what, endpoint_label(url), one_line(reason, 200))) from None
+
+
+def parse_oauth_body(content_type, body):
+    """Decode a reply that is a JSON object or form-encoded; None when it is neither."""
+    from urllib.parse import parse_qsl
+    text = body.decode("utf-8", "replace").strip()
+    if text.startswith("{") or "json" in content_type.lower():
+        try:
+            document = json.loads(text)
+        except ValueError:
+            return None
+        return document if isinstance(document, dict) else None
+    if "html" in content_type.lower() or not text:
+        return None
+    try:
+        return dict(parse_qsl(text, keep_blank_values=True, strict_parsing=True))
+    except ValueError:
+        return None
+
+
+def oauth_error_text(document):
+    """`error (error_description)` of an OAuth error reply, as one safe line."""
+    error = one_line(document.get("error"), 80)
+    description = document.get("error_description")
+    return "%s (%s)" % (error, one_line(description, 200)) if description else error
+
+
+def parse_expires_in(value):
+    """Seconds from expires_in as a number or a numeric string; None when absent or unusable."""
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*", value):
+        value = float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    return None
+
+
+def parse_scope_list(value):
+    """Scopes from a space- or comma-separated string (GitHub and Slack use commas) or a list."""
+    if isinstance(value, list):
+        return [str(scope) for scope in value if scope]
+    if isinstance(value, str):
+        return [scope for scope in re.split(r"[\s,]+", value) if scope]
+    return None
+
+
+def parse_token_response(status, content_type, body, what, error_class):
+    """Check a token endpoint reply and return its tokens; an `error`, even in a 200, fails."""
+    document = parse_oauth_body(content_type, body)
+    if document is None:
+        raise error_class("the %s answered HTTP %d with a body that is neither JSON nor form "
+                          "encoded" % (what, status))
+    if document.get("error"):
+        raise error_class("the %s refused: %s" % (what, oauth_error_text(document)))
+    if not 200 <= status < 300:
+        raise error_class("the %s answered HTTP %d" % (what, status))
+    access_token = document.get("access_token")
+    refresh_token = document.get("refresh_token") or None
+    for value in (access_token, refresh_token):
+        if value is not None and (not isinstance(value, str) or CONTROL_CHARS_RE.search(value)):
+            raise error_class("the %s sent a token that is not a plain string" % what)
+    if not access_token:
+        raise error_class("the %s sent no access_token" % what)
+    secret_filter.register(access_token)
+    secret_filter.register(refresh_token)
+    token_type = document.get("token_type")
+    return {"access_token": access_token, "refresh_token": refresh_token,
+            "token_type": token_type if isinstance(token_type, str) and token_type else "Bearer",
+            "expires_in": parse_expires_in(document.get("expires_in")),
+            "scopes": parse_scope_list(document.get("scope"))}
+
+
+def token_record(provider, connection, tokens, requested_scopes, base_url, client_id,
+                 previous=None):
+    """Build the credential record of a token reply; `previous` is the record it refreshes."""
+    stamp = iso_time()
+    previous = previous or {}
+    expires_in = tokens["expires_in"]
+    scopes = tokens["scopes"] if tokens["scopes"] is not None else list(requested_scopes or [])
+    return {"provider": provider.name, "connection": connection, "auth_type": "oauth2",
+            "access_token": tokens["access_token"],
+            # RFC 6749 6: without a new refresh token in the reply, the old one stays valid.
+            "refresh_token": tokens["refresh_token"] or previous.get("refresh_token"),
+            "token_type": tokens["token_type"],
+            "expires_at": int(now() + expires_in) if expires_in is not None else None,
+            "scopes": scopes, "status": STATUS_CONNECTED,
+            "created_at": previous.get("created_at", stamp), "updated_at": stamp,
+            "base_url": base_url, "client_id": client_id}
+
+
+def resolve_oauth_endpoints(provider, base_url=None, client=None):
+    """The provider's OAuth endpoints with {base_url} filled in; gaps filled from discovery
+    results stored with a registered client."""
+    endpoints = {field: provider.oauth_url(field, base_url) for field in OAUTH_URL_FIELDS}
+    registration = provider.data.get("registration")
+    endpoints["registration_endpoint"] = (registration or {}).get("registration_endpoint")
+    for field, url in ((client or {}).get("endpoints") or {}).items():
+        if not endpoints.get(field):
+            endpoints[field] = url
+    return endpoints
+
+
+def client_for_record(document, provider, record):
+    """The client that obtained `record`: the stored one, or just the record's client ID when
+    the stored client was replaced since (a public client then)."""
+    client = dict(document["clients"].get(provider.name) or {})
+    if record.get("client_id") and client.get("client_id") != record["client_id"]:
+        client = {"client_id": record["client_id"]}
+    return client
+
+
+def token_auth_method(provider, client):
+    if client.get("registered"):
+        return client.get("token_endpoint_auth_method") or "none"
+    return provider.oauth.get("token_endpoint_auth_method") or "client_secret_post"
+
+
+def add_client_auth(provider, client, form, headers):
+    """Authenticate the client as RFC 6749 2.3.1 says; a client without a secret is public and
+    sends its ID only."""
+    from urllib.parse import quote_plus
+    secret = client.get("client_secret")
+    method = token_auth_method(provider, client)
+    if secret and method == "client_secret_basic":
+        # Both halves are form-encoded before the Basic encoding (RFC 6749 2.3.1).
+        pair = "%s:%s" % (quote_plus(client["client_id"]), quote_plus(secret))
+        headers["Authorization"] = "Basic " + b64encode(pair.encode("utf-8"))
+        return
+    form["client_id"] = client["client_id"]
+    if secret and method == "client_secret_post":
+        form["client_secret"] = secret
+
+
+def client_request(provider, client, url, form, error_class, what, timeout=OAUTH_HTTP_TIMEOUT):
+    """POST `form` plus client authentication to a token, device or revocation endpoint.
+
+    A provider with `device_token_request: json` gets JSON bodies instead of form encoding.
+    """
+    form, headers = dict(form), {}
+    add_client_auth(provider, client, form, headers)
+    if provider.oauth.get("device_token_request") == "json":
+        return oauth_http(url, json_body=form, headers=headers, timeout=timeout, what=what,
+                          error_class=error_class)
+    return oauth_http(url, form=form, headers=headers, timeout=timeout, what=what,
+                      error_class=error_class)
+
+
+def prompt_visible(prompt):
+    """Read one visible line from the terminal (the client ID is not a secret)."""
+    if not open_terminal_prompt():
+        raise LoginError("no terminal to ask for the OAuth client ID: pass it with --client-id")
+    try:
+        if os.name == "nt":
+            return input(prompt)
+        with open("/dev/tty", "r+", encoding="utf-8") as tty:
+            tty.write(prompt)
+            tty.flush()
+            line = tty.readline()
+    except (EOFError, KeyboardInterrupt):
+        raise LoginError("login cancelled") from None
+    if not line:
+        raise LoginError("login cancelled")
+    return line.rstrip("\r\n")
+
+
+def check_client_value(value, what):
+    if not value or CONTROL_CHARS_RE.search(value) or value != value.strip() or len(value) > 1024:
+        raise LoginError("the OAuth %s is empty, too long, or holds spaces or control "
+                         "characters; nothing was stored" % what)
+    return value
+
+
+def collect_client(provider, stored, client_id=None, secret_mode="prompt", stdin=None):
+    """Return the client to log in with.
+
+    The ID comes from --client-id, else the stored client, else a prompt. The secret, when the
+    token endpoint authenticates clients, comes from standard input (`secret_mode` "stdin":
+    standard input holds the client secret only, empty to keep the stored one), else the stored
+    client with the same ID, else a hidden prompt; it is never taken from argv. An empty secret
+    means a public client.
+    """
+    stored = stored or {}
+    client_id = client_id or stored.get("client_id")
+    if not client_id:
+        if secret_mode == "stdin":
+            raise LoginError("%s needs an OAuth client ID: pass it with --client-id (with --stdin, "
+                             "standard input holds only the client secret)" % provider.name)
+        client_id = prompt_visible("%s OAuth client ID: " % provider.display_name).strip()
+    check_client_value(client_id, "client ID")
+    same = stored.get("client_id") == client_id
+    method = provider.oauth.get("token_endpoint_auth_method") or "client_secret_post"
+    secret = stored.get("client_secret") if same else None
+    if same and stored.get("registered"):
+        method = token_auth_method(provider, stored)
+    elif method == "none":
+        secret = None
+    elif secret_mode == "stdin":
+        secret = read_stdin_secret(stdin) or secret
+    elif not same:
+        secret = prompt_hidden("%s OAuth client secret (input hidden; leave empty for a public "
+                               "client): " % provider.display_name) or None
+    if secret:
+        check_client_value(secret, "client secret")
+        secret_filter.register(secret)
+    client = dict(stored) if same else {}
+    client.update({"client_id": client_id, "client_secret": secret,
+                   "token_endpoint_auth_method": method})
+    client.setdefault("created_at", iso_time())
+    return client
+
+
+def pkce_pair():
+    """Return (code_verifier, S256 code_challenge) per RFC 7636 4.1-4.2."""
+    verifier = secrets.token_urlsafe(48)  # 64 characters of the unreserved set
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def build_authorization_url(endpoint, params):
+    from urllib.parse import quote, urlencode
+    return endpoint + ("&" if "?" in endpoint else "?") + urlencode(params, quote_via=quote)
+
+
+class CallbackServer:
+    """The loopback redirect target of the authorization code flow (RFC 8252 7.3).
+
+    The first GET /callback ends the wait: with a code when its `state` matches, otherwise with
+    a LoginError (a state that does not match is refused, since the reply does not belong to
+    the authorization request this process made). The request line, which holds the code, is
+    never logged.
+    """
+
+    def __init__(self, port=0):
+        from http.server import ThreadingHTTPServer
+        self.state = secrets.token_urlsafe(24)
+        self.result = None
+        self.done = threading.Event()
+        try:
+            self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
+        except OSError as exc:
+            if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+                raise
+            raise LoginError("port %d on 127.0.0.1 is busy or not allowed, so the OAuth callback "
+                             "cannot listen there; choose another with --port, or leave --port "
+                             "out for a free one" % port) from None
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.redirect_uri = "http://127.0.0.1:%d%s" % (self.port, CALLBACK_PATH)
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                         daemon=True).start()
+
+    def wait(self, timeout=LOGIN_TIMEOUT):
+        """Return the authorization code, or raise LoginError."""
+        deadline = time.monotonic() + timeout
+        while not self.done.wait(0.2):  # short waits keep Ctrl-C responsive
+            if time.monotonic() > deadline:
+                raise LoginError("login timed out after %d seconds without the OAuth callback; "
+                                 "nothing was stored" % timeout)
+        kind, value = self.result
+        if kind != "code":
+            raise LoginError(value)
+        return value
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _finish(self, kind, value):
+        if self.result is None:
+            self.result = (kind, value)
+        self.done.set()
+
+    def _outcome(self, query):
+        """Return (kind, value, page status, page text) for the query of a callback."""
+        state = query.get("state", "")
+        if not hmac.compare_digest(state.encode("utf-8"), self.state.encode("utf-8")):
+            return ("error", "the OAuth callback carried a state that does not match this login, "
+                             "so it was refused (a stale browser tab or a forged link); nothing "
+                             "was stored", 400,
+                    "This callback does not belong to the login in progress. Run authsome "
+                    "login again.")
+        if query.get("error"):
+            message = ("the provider refused the authorization: %s; nothing was stored"
+                       % oauth_error_text(query))
+            return "error", message, 400, message
+        if not query.get("code"):
+            message = "the OAuth callback carried neither a code nor an error; nothing was stored"
+            return "error", message, 400, message
+        return ("code", query["code"], 200,
+                "authsome received the authorization. You can close this tab and return to the "
+                "terminal.")
+
+    def _handler_class(self):
+        from http.server import BaseHTTPRequestHandler
+        from urllib.parse import parse_qs, urlsplit
+        callback = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "authsome"
+            sys_version = ""
+
+            def log_message(self, format, *args):
+                pass  # the request line carries the authorization code
+
+            def do_GET(self):
+                parts = urlsplit(self.path)
+                host = (self.headers.get("Host") or "").lower()
+                if parts.path != CALLBACK_PATH or host not in (
+                        "127.0.0.1:%d" % callback.port, "localhost:%d" % callback.port):
+                    return self._send(404, "Not found", "Nothing here.")
+                if callback.done.is_set():
+                    return self._send(409, "Login finished", "Return to the terminal.")
+                query = {name: values[0] for name, values in
+                         parse_qs(parts.query, keep_blank_values=True).items()}
+                kind, value, status, text = callback._outcome(query)
+                callback._finish(kind, value)
+                title = "Authorization received" if kind == "code" else "Login failed"
+                self._send(status, title, text)
+
+            def _send(self, status, title, text):
+                import html
+                page = form_page(title, "<p>%s</p>" % html.escape(text))
+                self.send_response(status)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(page)))
+                self.send_header("Content-Security-Policy", FORM_CSP)
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("Referrer-Policy", "no-referrer")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(page)
+                self.close_connection = True
+
+        return Handler
+
+
+def authorization_code_grant(provider, client, endpoints, scopes, server, use_pkce, browser,
+                             err):
+    """Send the user to the authorization endpoint, wait for the callback on `server` and
+    exchange the code; return the parsed tokens."""
+    verifier, challenge = pkce_pair() if use_pkce else (None, None)
+    params = dict(provider.oauth.get("extra_authorize_params") or {})
+    params.update({"response_type": "code", "client_id": client["client_id"],
+                   "redirect_uri": server.redirect_uri, "state": server.state})
+    if scopes:
+        params["scope"] = " ".join(scopes)
+    if use_pkce:
+        params.update({"code_challenge": challenge, "code_challenge_method": "S256"})
+    url = build_authorization_url(endpoints["authorization_url"], params)
+    err.write("To log in to %s, open this URL in a browser:\n  %s\nWaiting for the redirect to "
+              "%s ...\n" % (provider.display_name, url, server.redirect_uri))
+    err.flush()
+    if browser:
+        open_browser(url)
+    code = server.wait()
+    form = {"grant_type": "authorization_code", "code": code, "redirect_uri": server.redirect_uri}
+    if verifier:
+        form["code_verifier"] = verifier
+    what = "token endpoint of %s" % provider.name
+    status, content_type, body = client_request(provider, client, endpoints["token_url"], form,
+                                                LoginError, what)
+    return parse_token_response(status, content_type, body, what, LoginError)
+
+
+def positive_number(value, default):
+    number = parse_expires_in(value)
+    return number if number else default
+
+
+def device_authorization_grant(provider, client, endpoints, scopes, err, browser=False,
+                               clock=None, sleep=None):
+    """Run the device authorization grant (RFC 8628) and return the parsed tokens.
+
+    `clock` (seconds, default `now`) and `sleep` (default time.sleep) are injectable so that
+    tests drive the polling without waiting.
+    """
+    clock, sleep = clock or now, sleep or time.sleep
+    what = "device authorization endpoint of %s" % provider.name
+    form = {"scope": " ".join(scopes)} if scopes else {}
+    status, content_type, body = client_request(
+        provider, client, endpoints["device_authorization_url"], form, LoginError, what)
+    document = parse_oauth_body(content_type, body) or {}
+    if document.get("error"):
+        raise LoginError("the %s refused: %s" % (what, oauth_error_text(document)))
+    device_code, user_code = document.get("device_code"), document.get("user_code")
+    verification = document.get("verification_uri") or document.get("verification_url")
+    if not 200 <= status < 300 or not all(isinstance(value, str) and value for value in (
+            device_code, user_code, verification)):
+        raise LoginError("the %s answered HTTP %d without device_code, user_code and "
+                         "verification_uri" % (what, status))
+    secret_filter.register(device_code)
+    interval = positive_number(document.get("interval"), DEVICE_DEFAULT_INTERVAL)
+    deadline = clock() + positive_number(document.get("expires_in"), DEVICE_DEFAULT_LIFETIME)
+    complete = document.get("verification_uri_complete")
+    err.write("To log in to %s, visit %s and enter the code %s\n"
+              % (provider.display_name, one_line(verification), one_line(user_code, 64)))
+    if isinstance(complete, str) and complete:
+        err.write("  or open: %s\n" % one_line(complete))
+    err.write("Waiting for approval ...\n")
+    err.flush()
+    if browser and is_endpoint_url(complete or verification):
+        open_browser(complete or verification)
+    expired = LoginError("the device code expired before the login was approved; run authsome "
+                         "login %s again; nothing was stored" % provider.name)
+    what = "token endpoint of %s" % provider.name
+    while True:
+        sleep(interval)
+        if clock() >= deadline:
+            raise expired
+        status, content_type, body = client_request(
+            provider, client, endpoints["token_url"],
+            {"grant_type": DEVICE_GRANT_TYPE, "device_code": device_code}, LoginError, what)
+        reply = parse_oauth_body(content_type, body) or {}
+        error = reply.get("error")
+        if error == "authorization_pending":
+            continue
+        if error == "slow_down":
+            # RFC 8628 3.5: add 5 seconds to this and all later polls; never poll faster.
+            interval = max(interval + 5, positive_number(reply.get("interval"), 0))
+            continue
+        if error == "expired_token":
+            raise expired
+        if error == "access_denied":
+            raise LoginError("the login was denied at %s (access_denied); nothing was stored"
+                             % provider.display_name)
+        return parse_token_response(status, content_type, body, what, LoginError)
+
+
+def discover_endpoints(issuer):
+    """Fetch authorization server metadata: RFC 8414 first, then OpenID Connect discovery.
+
+    Returns {field: url} in provider-file field names, for https (or loopback) URLs only.
+    """
+    from urllib.parse import urlsplit
+    parts = urlsplit(issuer)
+    origin, path = "%s://%s" % (parts.scheme, parts.netloc), parts.path.rstrip("/")
+    candidates = [origin + "/.well-known/oauth-authorization-server" + path,
+                  origin + path + "/.well-known/openid-configuration"]
+    failures = []
+    for url in candidates:
+        try:
+            status, content_type, body = oauth_http(url, what="metadata endpoint")
+        except LoginError as exc:
+            failures.append(str(exc))
+            continue
+        document = parse_oauth_body(content_type, body) if status == 200 else None
+        if not document:
+            failures.append("%s answered HTTP %d" % (endpoint_label(url), status))
+            continue
+        return {field: document[name] for name, field in METADATA_FIELDS.items()
+                if isinstance(document.get(name), str) and is_endpoint_url(document[name])}
+    raise LoginError("no OAuth authorization server metadata found for %s: %s"
+                     % (endpoint_label(issuer), "; ".join(failures)))
+
+
+def discovery_issuer(provider, base_url, endpoints):
+    """The issuer to discover from: the base URL, else the origin of a known endpoint."""
+    from urllib.parse import urlsplit
+    if base_url:
+        return base_url
+    for field in ("registration_endpoint", "authorization_url", "token_url"):
+        if endpoints.get(field):
+            parts = urlsplit(endpoints[field])
+            return "%s://%s" % (parts.scheme, parts.netloc)
+    raise LoginError("%s names no base_url or endpoint to discover its OAuth metadata from; add "
+                     "oauth.base_url to its provider file" % provider.name)
+
+
+def register_client(provider, endpoint, redirect_uri, scopes):
+    """Register a public client (RFC 7591) for the loopback redirect; return the client record."""
+    body = {"client_name": "authsome", "redirect_uris": [redirect_uri],
+            "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
+            "token_endpoint_auth_method": "none"}
+    if scopes:
+        body["scope"] = " ".join(scopes)
+    what = "registration endpoint of %s" % provider.name
+    status, content_type, data = oauth_http(endpoint, json_body=body, what=what)
+    document = parse_oauth_body(content_type, data) or {}
+    if document.get("error"):
+        raise LoginError("the %s refused: %s" % (what, oauth_error_text(document)))
+    client_id = document.get("client_id")
+    if not 200 <= status < 300 or not isinstance(client_id, str) or not client_id:
+        raise LoginError("the %s answered HTTP %d without a client_id" % (what, status))
+    secret = document.get("client_secret") if isinstance(document.get("client_secret"), str) else None
+    secret_filter.register(secret)
+    method = document.get("token_endpoint_auth_method")
+    if method not in TOKEN_AUTH_METHODS:
+        method = "client_secret_basic" if secret else "none"
+    return {"client_id": check_client_value(client_id, "client ID"), "client_secret": secret,
+            "token_endpoint_auth_method": method, "registered": True,
+            "redirect_uri": redirect_uri, "created_at": iso_time()}
+
+
+def choose_oauth_flow(provider, requested, endpoints):
+    """The flow to run: --flow, else the provider's; a pkce provider with a device endpoint
+    uses the device flow when no browser here would reach the user."""
+    flow = requested or provider.flow
+    if (not requested and flow == "pkce" and endpoints.get("device_authorization_url")
+            and not has_graphical_session()):
+        flow = "device_code"
+    if flow == "device_code" and not (endpoints.get("device_authorization_url")
+                                      and endpoints.get("token_url")):
+        raise UsageError("%s has no device authorization endpoint; use --flow pkce"
+                         % provider.name)
+    return flow
+
+
+def callback_port(port, client):
+    """The port to listen on: --port, else the port a registered client was registered with."""
+    from urllib.parse import urlsplit
+    if port is not None or not client or not client.get("redirect_uri"):
+        return port, False
+    try:
+        return urlsplit(client["redirect_uri"]).port or 0, True
+    except ValueError:
+        return 0, False
+
+
+def save_client(vault, provider, client):
+    def mutate(document):
+        document["clients"][provider.name] = client
+
+    vault.update(mutate)
+
+
+def loopback_login(vault, provider, stored, flow, endpoints, scopes, base_url, options, err):
+    """Run the authorization code flow (pkce or dcr_pkce); return (tokens, client, endpoints)."""
+    register = flow == "dcr_pkce" and not options.get("client_id")
+    reuse = stored if register and stored and stored.get("registered") else None
+    needed = ["authorization_url", "token_url"] + (["registration_endpoint"] if register else [])
+    if any(not endpoints.get(field) for field in needed):
+        found = discover_endpoints(discovery_issuer(provider, base_url, endpoints))
+        endpoints = dict(endpoints, **{field: url for field, url in found.items()
+                                       if not endpoints.get(field)})
+        missing = [field for field in needed if not endpoints.get(field)]
+        if missing:
+            raise LoginError("the OAuth metadata of %s has no %s" % (provider.name,
+                                                                     ", ".join(missing)))
+    client = None if register else collect_client(
+        provider, stored, options.get("client_id"), options.get("secret_mode", "prompt"),
+        options.get("stdin"))
+    port, remembered = callback_port(options.get("port"), reuse)
+    try:
+        server = CallbackServer(port or 0)
+    except LoginError:
+        if not remembered:
+            raise
+        server, reuse = CallbackServer(0), None  # the registered port is taken: register anew
+    try:
+        if register:
+            if reuse is not None and reuse.get("redirect_uri") == server.redirect_uri:
+                client = reuse
+            else:
+                client = register_client(provider, endpoints["registration_endpoint"],
+                                         server.redirect_uri, scopes)
+                client["endpoints"] = {field: url for field, url in endpoints.items() if url}
+                save_client(vault, provider, client)
+        use_pkce = flow == "dcr_pkce" or provider.oauth.get("pkce", True)
+        tokens = authorization_code_grant(provider, client, endpoints, scopes, server, use_pkce,
+                                          options.get("browser", False), err)
+    finally:
+        server.close()
+    return tokens, client, endpoints
+
+
+def oauth_login(home, provider, connection, flow=None, scopes=None, base_url=None,
+                client_id=None, secret_mode="prompt", stdin=None, port=None, browser=False,
+                err=None, clock=None, sleep=None):
+    """Log in to an OAuth2 provider and store the token record and the client; return the record.
+
+    `secret_mode` is "prompt" or "stdin" (see collect_client); `browser` opens the user's
+    browser; `clock` and `sleep` drive device polling in tests.
+    """
+    err = err or sys.stderr
+    vault = Vault(home, passphrase_prompt=prompt_hidden)
+    base_url = (base_url or provider.oauth.get("base_url") or "").rstrip("/") or None
+    if base_url and not is_endpoint_url(base_url):
+        raise UsageError("base URL %r must be an https:// URL (http:// only for loopback)"
+                         % base_url)
+    stored = vault.load()["clients"].get(provider.name)
+    endpoints = resolve_oauth_endpoints(provider, base_url, stored)
+    flow = choose_oauth_flow(provider, flow, endpoints)
+    scopes = list(provider.oauth.get("scopes") or []) if scopes is None else list(scopes)
+    if flow == "device_code":
+        client = collect_client(provider, stored, client_id, secret_mode, stdin)
+        tokens = device_authorization_grant(provider, client, endpoints, scopes, err, browser,
+                                            clock, sleep)
+    else:
+        options = {"client_id": client_id, "secret_mode": secret_mode, "stdin": stdin,
+                   "port": port, "browser": browser}
+        tokens, client, endpoints = loopback_login(vault, provider, stored, flow, endpoints,
+                                                   scopes, base_url, options, err)
+    record = token_record(provider, connection, tokens, scopes, base_url, client["client_id"])
+
+    def mutate(document):
+        previous = find_record(document, provider.name, connection)
+        if previous:
+            record["created_at"] = previous.get("created_at", record["created_at"])
+        put_record(document, record)
+        document["clients"][provider.name] = client
+
+    vault.update(mutate)
+    audit(home, "login", provider=provider.name, connection=connection, outcome="connected",
+          flow=flow)
+    return record
+
+
+def needs_refresh(record, at=None):
+    """True when the access token has less than REFRESH_MARGIN seconds left (or none)."""
+    expires_at = record.get("expires_at")
+    return expires_at is not None and expires_at - (now() if at is None else at) < REFRESH_MARGIN
+
+
+def login_hint(provider_name, connection):
+    suffix = "" if connection == DEFAULT_CONNECTION else " --connection %s" % connection
+    return "authsome login %s%s" % (provider_name, suffix)
+
+
+def refresh_lock_path(home, provider_name, connection):
+    folder = os.path.join(home, "locks")
+    ensure_private_dir(home)
+    ensure_private_dir(folder)
+    return os.path.join(folder, "%s.%s.lock" % (provider_name, connection))
+
+
+def refresh_token_record(home, vault, provider, record):
+    """Refresh the access token of `record` unless another process did; return the newest record.
+
+    Runs under the per-connection lock file that every authsome process shares, and re-reads
+    the vault under it first. A refresh failure raises RefreshError whose `.record` is the
+    newest stored record. The new record (a rotated refresh token included) is written by one
+    atomic vault update.
+    """
+    connection = record["connection"]
+    with file_lock(refresh_lock_path(home, provider.name, connection),
+                   timeout=REFRESH_LOCK_TIMEOUT,
+                   what="the token refresh of %s (connection %s)" % (provider.name, connection)):
+        document = vault.load()
+        latest = find_record(document, provider.name, connection)
+        if latest is None or latest.get("auth_type") != "oauth2":
+            raise CredentialError("%s is no longer connected (connection %s); run: %s"
+                                  % (provider.name, connection, login_hint(provider.name,
+                                                                           connection)))
+        register_record_secrets(latest)
+        if not needs_refresh(latest) or not latest.get("refresh_token"):
+            return latest
+        client = client_for_record(document, provider, latest)
+        endpoints = resolve_oauth_endpoints(provider, latest.get("base_url"), client)
+        what = "token endpoint of %s" % provider.name
+        try:
+            if not client.get("client_id") or not endpoints.get("token_url"):
+                raise RefreshError("no OAuth client or token endpoint is stored for %s"
+                                   % provider.name)
+            form = {"grant_type": "refresh_token", "refresh_token": latest["refresh_token"]}
+            status, content_type, body = client_request(provider, client, endpoints["token_url"],
+                                                        form, RefreshError, what)
+            tokens = parse_token_response(status, content_type, body, what, RefreshError)
+        except RefreshError as exc:
+            audit(home, "refresh", provider=provider.name, connection=connection,
+                  outcome="failed")
+            failure = RefreshError("refreshing the %s token (connection %s) failed: %s"
+                                   % (provider.name, connection, exc))
+            failure.record = latest
+            raise failure from None
+        fresh = token_record(provider, connection, tokens, latest.get("scopes"),
+                             latest.get("base_url"), client["client_id"], previous=latest)
+
+        def mutate(current):
+            stored = find_record(current, provider.name, connection)
+            if stored is None or stored.get("refresh_token") != latest["refresh_token"]:
+                return False  # logged out or logged in again meanwhile: theirs stays
+            put_record(current, fresh)
+            return True
+
+        kept = vault.update(mutate)
+        audit(home, "refresh", provider=provider.name, connection=connection,
+              outcome="refreshed" if kept else "discarded")
+        return fresh
+
+
+def ensure_fresh(home, vault, provider, record, warn):
+    """Return a usable record, refreshing it when less than REFRESH_MARGIN remains.
+
+    A failed refresh with a still-valid token keeps that token and calls `warn`; an expired
+    token raises CredentialError (no refresh token) or RefreshError, naming the login command.
+    """
+    if record.get("auth_type") != "oauth2" or not needs_refresh(record):
+        return record
+    connection = record["connection"]
+    if record.get("refresh_token"):
+        try:
+            record = refresh_token_record(home, vault, provider, record)
+        except RefreshError as exc:
+            latest = getattr(exc, "record", None) or record
+            if record_status(latest) == STATUS_CONNECTED:
+                warn("%s; keeping the current access token until it expires at %s"
+                     % (exc, iso_time(latest["expires_at"])))
+                return latest
+            raise RefreshError("%s; the access token expired at %s; run: %s"
+                               % (exc, iso_time(latest["expires_at"]),
+                                  login_hint(provider.name, connection))) from None
+    if record_status(record) == STATUS_EXPIRED:
+        raise CredentialError("the %s access token (connection %s) expired at %s and there is no "
+                              "refresh token; run: %s"
+                              % (provider.name, connection, iso_time(record["expires_at"]),
+                                 login_hint(provider.name, connection)))
+    return record
+
+
+def refresh_at_use(home, vault, provider, record, err=None, strict=True):
+    """ensure_fresh for `get` and `export`: warnings go to `err`; with `strict` False an
+    unusable record is returned as it is (after a warning) instead of raising."""
+    err = err or sys.stderr
+    if record is None:
+        return None
+    warn = lambda message: err.write("warning: %s\n" % secret_filter.mask(message))
+    try:
+        return ensure_fresh(home, vault, provider, record, warn)
+    except (CredentialError, RefreshError) as exc:
+        if strict:
+            raise
+        warn(str(exc))
+        return record
+
+
+class ProxyTokenRefresher:
+    """The run proxy's refresher: `refresher(provider, record) -> record`.
+
+    While the token it holds has more than REFRESH_MARGIN left it returns at once, reading
+    neither the vault nor the network. Otherwise one thread per connection refreshes (under the
+    cross-process lock), the result is kept for later requests, and a failure is retried only
+    after REFRESH_RETRY_AFTER seconds.
+    """
+
+    def __init__(self, home, vault):
+        self.home = home
+        self.vault = vault
+        self._newest = {}
+        self._failed_at = {}
+        self._locks = {}
+        self._guard = threading.Lock()
+
+    @staticmethod
+    def _expiry(record):
+        expires_at = record.get("expires_at")
+        return float("inf") if expires_at is None else expires_at
+
+    def _pick(self, key, record):
+        kept = self._newest.get(key)
+        if kept is not None and self._expiry(kept) > self._expiry(record):
+            return kept
+        return record
+
+    def __call__(self, provider, record):
+        key = (provider.name, record["connection"])
+        record = self._pick(key, record)
+        if not needs_refresh(record):
+            return record
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            record = self._pick(key, record)
+            failed_at = self._failed_at.get(key)
+            if not needs_refresh(record) or (
+                    failed_at is not None and now() - failed_at < REFRESH_RETRY_AFTER):
+                return record
+            failures = []
+            try:
+                fresh = ensure_fresh(self.home, self.vault, provider, record, failures.append)
+            except (AuthsomeError, OSError) as exc:
+                failures.append(str(exc))
+                fresh = record
+            for message in failures:
+                log.warning("%s", message)
+            if failures:
+                self._failed_at[key] = now()
+            else:
+                self._failed_at.pop(key, None)
+            self._newest[key] = fresh
+            return fresh
+
+
+def revoke_oauth_tokens(home, vault, provider, record, warn):
+    """Revoke a record's tokens at the provider (RFC 7009), refresh token first.
+
+    Returns True when the provider accepted, False when it could not be asked or refused (after
+    `warn`), None when there is nothing to revoke or no revocation endpoint.
+    """
+    if record.get("auth_type") != "oauth2":
+        return None
+    client = client_for_record(vault.load(), provider, record)
+    url = resolve_oauth_endpoints(provider, record.get("base_url"), client).get("revocation_url")
+    tokens = [(record.get(hint), hint) for hint in ("refresh_token", "access_token")
+              if record.get(hint)]
+    if not url or not tokens:
+        return None
+    if not client.get("client_id"):
+        warn("no OAuth client is stored for %s, so its token was not revoked at the provider"
+             % provider.name)
+        return False
+    what = "revocation endpoint of %s" % provider.name
+    accepted = False
+    for token, hint in tokens:
+        try:
+            status, content_type, body = client_request(
+                provider, client, url, {"token": token, "token_type_hint": hint}, LoginError, what,
+                timeout=REVOKE_TIMEOUT)
+        except LoginError as exc:
+            warn("%s; the local credential is removed anyway" % exc)
+            break  # unreachable: do not wait a second time
+        if 200 <= status < 300:
+            accepted = True
+            continue
+        document = parse_oauth_body(content_type, body) or {}
+        reason = oauth_error_text(document) if document.get("error") else "HTTP %d" % status
+        warn("the %s did not revoke the %s (%s); the local credential is removed anyway"
+             % (what, hint.replace("_", " "), reason))
+    audit(home, "revocation", provider=provider.name, connection=record.get("connection"),
+          outcome="revoked" if accepted else "failed")
+    return accepted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1974,9 +2966,14 @@ class CertificateAuthority:
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_CHUNK_LINE = 4096
+COPY_BUFFER_SIZE = 64 * 1024  # per reader; a TLS record holds at most 16 KiB anyway
 TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 TARGET_RE = re.compile(rb"^[\x21-\x7e]+$")
 FIELD_VALUE_BAD_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+HTTP_VERSION_RE = re.compile(rb"^HTTP/1\.[01]$")
+STATUS_CODE_RE = re.compile(rb"^[1-5][0-9][0-9]$")
+HEX_RE = re.compile(rb"^[0-9a-fA-F]+$")
+AUTHORITY_HOST_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
 HOP_BY_HOP_PROXY_HEADERS = ("proxy-authorization", "proxy-connection", "proxy-authenticate")
 
 
@@ -2077,7 +3074,7 @@ def parse_request_head(data):
     parts = lines[0].split(b" ")
     if len(parts) != 3 or not TOKEN_RE.match(parts[0]) or not TARGET_RE.match(parts[1]):
         raise ProtocolError(400, "malformed request line")
-    if not re.match(rb"^HTTP/1\.[01]$", parts[2]):
+    if not HTTP_VERSION_RE.match(parts[2]):
         raise ProtocolError(505 if parts[2].startswith(b"HTTP/") else 400, "unsupported HTTP version")
     start = [part.decode("latin-1") for part in parts]
     return RequestHead(start, _parse_header_lines(lines[1:]))
@@ -2087,7 +3084,7 @@ def parse_response_head(data):
     lines = _split_head_lines(data)
     version, _, rest = lines[0].partition(b" ")
     status, _, reason = rest.partition(b" ")
-    if not re.match(rb"^HTTP/1\.[01]$", version) or not re.match(rb"^[1-5][0-9][0-9]$", status):
+    if not HTTP_VERSION_RE.match(version) or not STATUS_CODE_RE.match(status):
         raise ProtocolError(502, "malformed status line from upstream")
     start = [version.decode("latin-1"), status.decode("latin-1"), reason.decode("latin-1")]
     return ResponseHead(start, _parse_header_lines(lines[1:]))
@@ -2134,9 +3131,13 @@ def response_framing(method, head):
         return "none", 0
     if method == "CONNECT" and 200 <= status < 300:
         return "none", 0
+    if head.get_all("Transfer-Encoding"):
+        # RFC 9112 section 6.3: Transfer-Encoding overrides Content-Length; a final coding other
+        # than chunked means the body ends when the origin closes the connection.
+        codings = [part.strip().lower() for value in head.get_all("Transfer-Encoding")
+                   for part in value.split(",") if part.strip()]
+        return ("chunked", None) if codings and codings[-1] == "chunked" else ("close", None)
     try:
-        if _is_chunked(head):
-            return "chunked", None
         length = _content_length(head)
     except ProtocolError as exc:
         raise ProtocolError(502, "upstream " + exc.reason) from None
@@ -2148,7 +3149,7 @@ def response_framing(method, head):
 def parse_chunk_size(line):
     """Parse a chunk-size line such as b"1a;ext=1\\r\\n" (RFC 9112 section 7.1)."""
     size_text = line.split(b";", 1)[0].strip(b" \t\r\n")
-    if not size_text or len(size_text) > 15 or not re.match(rb"^[0-9a-fA-F]+$", size_text):
+    if not size_text or len(size_text) > 15 or not HEX_RE.match(size_text):
         raise ProtocolError(400, "invalid chunk size")
     return int(size_text, 16)
 
@@ -2165,6 +3166,7 @@ class SocketReader:
         self.timeout = timeout  # seconds per recv when a call has no deadline; None waits forever
         self.chunk_size = chunk_size
         self.buffer = b""
+        self._scratch = None
 
     def _recv(self, deadline):
         if deadline is None:
@@ -2221,6 +3223,36 @@ class SocketReader:
                 raise ConnectionClosed("connection closed inside a line")
             self.buffer += data
 
+    def copy_to(self, destination, remaining=None):
+        """Send the next `remaining` bytes, or every byte until EOF when None, to `destination`.
+
+        Reads go through one preallocated buffer with recv_into, so a large body costs no
+        allocation per TLS record. Raises ConnectionClosed on EOF before `remaining` bytes.
+        """
+        if self.buffer:
+            take = len(self.buffer) if remaining is None else min(remaining, len(self.buffer))
+            destination.sendall(self.buffer[:take])
+            self.buffer = self.buffer[take:]
+            if remaining is not None:
+                remaining -= take
+        if remaining == 0:
+            return
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(COPY_BUFFER_SIZE))
+        view = self._scratch
+        self.sock.settimeout(self.timeout)
+        while remaining is None or remaining > 0:
+            wanted = len(view) if remaining is None else min(len(view), remaining)
+            count = self.sock.recv_into(view, wanted)
+            if not count:
+                if remaining is None:
+                    return
+                raise ConnectionClosed("connection closed %d bytes before the end of a body"
+                                       % remaining)
+            destination.sendall(view[:count])
+            if remaining is not None:
+                remaining -= count
+
     def read_some(self, limit, deadline=None):
         """Return up to `limit` bytes (at least one), or b"" on EOF."""
         if self.buffer:
@@ -2233,6 +3265,9 @@ class SocketReader:
 
 
 def relay_length(reader, sock, remaining, deadline=None):
+    if deadline is None:
+        reader.copy_to(sock, remaining)
+        return
     while remaining > 0:
         data = reader.read_some(min(remaining, reader.chunk_size), deadline)
         if not data:
@@ -2264,11 +3299,7 @@ def relay_chunked(reader, sock, deadline=None):
 
 
 def relay_until_close(reader, sock):
-    while True:
-        data = reader.read_some(reader.chunk_size)
-        if not data:
-            return
-        sock.sendall(data)
+    reader.copy_to(sock)
 
 
 def relay_body(reader, sock, framing, deadline=None):
@@ -2308,7 +3339,7 @@ def split_host_port(authority, default_port):
     if port_text and (not port_text.isdigit() or not 0 < int(port_text) < 65536):
         raise ProtocolError(400, "invalid port in %r" % authority)
     host = normalize_host(host)
-    if not host or not re.match(r"^[A-Za-z0-9._:-]+$", host):
+    if not host or not AUTHORITY_HOST_RE.match(host):
         raise ProtocolError(400, "invalid host in %r" % authority)
     return host, int(port_text) if port_text else default_port
 
@@ -2680,6 +3711,7 @@ def pump_sockets(first, second):
     for sock in peers:
         sock.settimeout(None)
     selector = selectors.DefaultSelector()
+    view = memoryview(bytearray(COPY_BUFFER_SIZE))
     try:
         for sock in peers:
             selector.register(sock, selectors.EVENT_READ)
@@ -2688,16 +3720,16 @@ def pump_sockets(first, second):
             for key, _ in selector.select():
                 source = key.fileobj
                 try:
-                    data = source.recv(256 * 1024)
+                    count = source.recv_into(view)
                 except (ConnectionResetError, ConnectionAbortedError):
                     return
-                if not data:
+                if not count:
                     selector.unregister(source)
                     open_directions -= 1
                     with contextlib.suppress(OSError):
                         peers[source].shutdown(socket.SHUT_WR)
                     continue
-                peers[source].sendall(data)
+                peers[source].sendall(view[:count])
     finally:
         selector.close()
 
@@ -2919,9 +3951,10 @@ class Exchange:
 
     def _log(self, head, path, status, injected):
         credential, reason = injected
-        outcome = "injected %s" % credential if credential else "no credential (%s)" % reason
-        log.info("%s %s %s %s %s", head.method, format_authority(self.host, self.port), path,
-                 status, outcome)
+        if log.isEnabledFor(logging.INFO):
+            outcome = "injected %s" % credential if credential else "no credential (%s)" % reason
+            log.info("%s %s %s %s %s", head.method, format_authority(self.host, self.port), path,
+                     status, outcome)
         if self.intercepted:
             provider, _, connection = (credential or "").partition("/")
             audit(self.proxy.broker.home, "inject" if credential else "miss",
@@ -3174,8 +4207,8 @@ def parse_connection_overrides(entries, catalog, vault):
 
 
 def token_refresher(home, vault):
-    """Return the Broker's hook that refreshes OAuth access tokens (None until OAuth exists)."""
-    return None
+    """Return the Broker's hook that refreshes OAuth access tokens at use (see oauth2)."""
+    return ProxyTokenRefresher(home, vault)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3192,13 +4225,25 @@ class Context:
         self.err = err or sys.stderr
         self._catalog = None
         self.vault = Vault(self.home, passphrase_prompt=prompt_hidden)
+        self.quiet_paths = set()  # provider files not to warn about (being written right now)
+
+    def ensure_home(self):
+        """Create the home and its providers/ folder (0700), so that a shell redirect such as
+        `authsome inspect g2 > ~/.authsome/providers/g2.json` has a folder to write into."""
+        ensure_private_dir(self.home)
+        ensure_private_dir(os.path.join(self.home, "providers"))
+
+    def provider_path(self, provider_name):
+        return os.path.join(self.home, "providers", "%s.json" % provider_name)
 
     @property
     def catalog(self):
         if self._catalog is None:
             self._catalog = load_catalog(self.home)
             for problem in self._catalog.problems:
-                self.err.write("warning: skipped %s\n" % problem)
+                if not any(problem.startswith("invalid provider file %s:" % path)
+                           for path in self.quiet_paths):
+                    self.err.write("warning: skipped %s\n" % problem)
         return self._catalog
 
     def record(self, provider_name, connection=None):
@@ -3223,8 +4268,11 @@ def get_credential(ctx, provider_name, connection=None, field=None, show_secret=
             record = ctx.record(provider_name, connection)
         except CredentialError:
             return STATUS_NOT_CONNECTED
+        record = refresh_at_use(ctx.home, ctx.vault, ctx.catalog.get(provider_name), record,
+                                ctx.err, strict=False)
         return record_status(record)
-    record = ctx.record(provider_name, connection)
+    record = refresh_at_use(ctx.home, ctx.vault, ctx.catalog.get(provider_name),
+                            ctx.record(provider_name, connection), ctx.err)
     shown = public_record(record, show_secret)
     if field is None:
         return shown
@@ -3268,19 +4316,31 @@ def revoke_provider(ctx, provider_name):
 
 
 def remove_provider(ctx, provider_name):
-    """Revoke the provider and also delete its user definition file, if any."""
-    result = revoke_provider(ctx, provider_name)
-    path = os.path.join(ctx.home, "providers", "%s.json" % provider_name)
+    """Revoke the provider and also delete its user definition file, if any.
+
+    A user file that no longer validates is still deleted, so `remove` is how a broken
+    definition is cleaned up."""
+    path = ctx.provider_path(provider_name)
+    user_file = PROVIDER_NAME_RE.match(provider_name) and os.path.isfile(path)
+    if provider_name in ctx.catalog.providers or not user_file:
+        result = revoke_provider(ctx, provider_name)
+    else:
+        result = {"provider": provider_name, "removed_connections": []}
     result["removed_definition"] = None
-    if os.path.exists(path):
+    if user_file:
         os.unlink(path)
         result["removed_definition"] = path
+    audit(ctx.home, "remove", provider=provider_name,
+          outcome="definition deleted" if user_file else None)
     return result
 
 
 def revoke_remote(ctx, provider, record):
-    """Revoke an OAuth token at the provider (RFC 7009); API keys have nothing to revoke."""
-    return None
+    """Revoke an OAuth token at the provider (RFC 7009); API keys have nothing to revoke.
+
+    Failures only warn: the caller removes the local record whatever the provider said."""
+    warn = lambda message: ctx.err.write("warning: %s\n" % secret_filter.mask(message))
+    return revoke_oauth_tokens(ctx.home, ctx.vault, provider, record, warn)
 
 
 def list_providers(ctx):
@@ -3313,21 +4373,29 @@ def register_provider(ctx, path, force=False):
         raise UsageError("%s already exists; use --force to replace it" % destination)
     payload = json.dumps(provider.data, indent=2).encode("utf-8") + b"\n"
     write_file_atomic(destination, payload)
+    audit(ctx.home, "register", provider=provider.name, outcome="replaced" if force else "added")
     return {"provider": provider.name, "path": destination}
 
 
 def set_default_connection(ctx, provider_name, connection):
-    ctx.record(provider_name, connection)
+    record = ctx.record(provider_name, check_connection_name(connection))
 
     def mutate(document):
-        document["defaults"][provider_name] = connection
+        document["defaults"][record["provider"]] = connection
 
     ctx.vault.update(mutate)
-    return {"provider": provider_name, "default": connection}
+    audit(ctx.home, "set_default", provider=record["provider"], connection=connection)
+    return {"provider": record["provider"], "default": connection}
 
 
 def export_variables(ctx, provider_name=None, connection=None):
-    """Return {VARIABLE: value} with real secrets for one or all connected providers."""
+    """Return {VARIABLE: value} with real secrets for one or all connected providers.
+
+    Only the sources of each provider's `export` block are read (API key, access token, base
+    URL), so a refresh token or client secret never leaves the vault this way."""
+    if connection and not provider_name:
+        raise UsageError("--connection needs a provider, e.g. authsome export g2 --connection %s"
+                         % connection)
     document = ctx.vault.load()
     names = [ctx.catalog.get(provider_name).name] if provider_name else sorted(
         document["credentials"])
@@ -3335,6 +4403,8 @@ def export_variables(ctx, provider_name=None, connection=None):
     for name in names:
         provider = ctx.catalog.get(name)
         record = ctx.record(name, connection) if provider_name else find_record(document, name)
+        record = refresh_at_use(ctx.home, ctx.vault, provider, record, ctx.err,
+                                strict=bool(provider_name))
         if record is None or record_status(record) != STATUS_CONNECTED:
             if provider_name:
                 raise CredentialError("%s credential is %s; run: authsome login %s"
@@ -3345,6 +4415,8 @@ def export_variables(ctx, provider_name=None, connection=None):
                      "BASE_URL": record.get("base_url") or provider.oauth.get("base_url")}[source]
             if value:
                 variables[variable] = value
+    audit(ctx.home, "export", provider=provider_name, connection=connection,
+          outcome="exported %s" % (", ".join(sorted(variables)) or "nothing"))
     return variables
 
 
@@ -3378,6 +4450,7 @@ def init_vault(ctx, passphrase=None):
         ctx.vault.rewrap(KEK_PASSPHRASE, passphrase)
     else:
         ctx.vault.update(lambda document: None)
+    audit(ctx.home, "init", outcome=ctx.vault.kind())
     return {"vault": ctx.vault.path, "key_protection": ctx.vault.kind()}
 
 
@@ -3401,13 +4474,17 @@ def doctor_checks(ctx):
                    "detail": "%s mode %s" % (ctx.home, oct(home_mode) if home_mode is not None
                                              else "(not created yet)")})
     loose = []
+    providers_folder = os.path.join(ctx.home, "providers")
     for folder, _, files in os.walk(ctx.home) if home_mode is not None else ():
+        if folder == providers_folder:
+            continue  # definitions hold no secret; a shell redirect creates them with the umask
         for name in files:
             path = os.path.join(folder, name)
             if stat.S_IMODE(os.lstat(path).st_mode) & 0o077:
                 loose.append(path)
     checks.append({"check": "file modes", "ok": not loose,
-                   "detail": "readable by others: %s" % ", ".join(loose) if loose else "all 0600"})
+                   "detail": "readable by others: %s; fix: chmod 600 them" % ", ".join(loose)
+                   if loose else "vault, key file and audit log are 0600"})
     try:
         ctx.vault.load()
         checks.append({"check": "vault", "ok": True,
@@ -3420,26 +4497,379 @@ def doctor_checks(ctx):
     return checks
 
 
+# -- doctor --clients ---------------------------------------------------------------------------
+# Each HTTP client found on this machine is run under `authsome run` against a local stand-in for
+# a throwaway provider, in a temporary home with a throwaway credential. The stand-in has its own
+# throwaway CA, trusted by the proxy only (SSL_CERT_FILE of the run), and is reached through
+# --connect-to, so nothing leaves 127.0.0.1. The host name ends in .invalid (RFC 6761): a client
+# that skips the proxy cannot resolve it and fails at once.
+
+DOCTOR_HOST = "authsome-doctor.invalid"
+DOCTOR_PROVIDER = "authsome-doctor"
+DOCTOR_VARIABLE = "AUTHSOME_DOCTOR_TOKEN"
+DOCTOR_CLIENT_TIMEOUT = 30.0
+
+# Runs inside `authsome run`: points the proxy variables at a relay that notes the request line
+# of each connection and forwards every byte to the run's proxy, then runs the client. This tells
+# "went through the proxy" apart from "trusted the CA". argv: REPORT TIMEOUT COMMAND [ARG...]
+DOCTOR_PROBE = r'''
+import json, os, socket, subprocess, sys, threading
+from urllib.parse import urlsplit
+
+report_path, timeout, command = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+proxy = urlsplit(os.environ["HTTPS_PROXY"])
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(16)
+request_lines = []
+
+
+def pipe(source, target):
+    try:
+        while True:
+            data = source.recv(65536)
+            if not data:
+                break
+            target.sendall(data)
+    except OSError:
+        pass
+    finally:
+        try:
+            target.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def relay(client):
+    head = b""
+    while b"\r\n" not in head and len(head) < 65536:
+        data = client.recv(65536)
+        if not data:
+            break
+        head += data
+    # Only the method and target are kept; the lines after them carry the proxy token.
+    request_lines.append(" ".join(head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")[:2]))
+    upstream = socket.create_connection((proxy.hostname, proxy.port), timeout=30)
+    upstream.settimeout(None)
+    upstream.sendall(head)
+    threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+    pipe(client, upstream)
+
+
+def accept():
+    while True:
+        client, _ = listener.accept()
+        threading.Thread(target=relay, args=(client,), daemon=True).start()
+
+
+threading.Thread(target=accept, daemon=True).start()
+relay_url = "http://%s@127.0.0.1:%d" % (proxy.netloc.rpartition("@")[0], listener.getsockname()[1])
+env = dict(os.environ)
+for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+    env[name] = relay_url
+report = {"requests": request_lines}
+try:
+    done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                          timeout=timeout)
+    report.update(returncode=done.returncode, stdout=done.stdout.decode("utf-8", "replace")[-2000:],
+                  stderr=done.stderr.decode("utf-8", "replace")[-2000:])
+except subprocess.TimeoutExpired:
+    report.update(returncode=None, stdout="", stderr="timed out after %d seconds" % timeout)
+except OSError as exc:
+    report.update(returncode=None, stdout="", stderr=str(exc))
+with open(report_path, "w") as handle:
+    json.dump(report, handle)
+'''
+
+DOCTOR_PYTHON_CLIENTS = {
+    "urllib": "import sys, urllib.request\n"
+              "print(urllib.request.urlopen(sys.argv[1], timeout=20).read().decode())\n",
+    "requests": "import sys, requests\n"
+                "response = requests.get(sys.argv[1], timeout=20)\n"
+                "response.raise_for_status()\n"
+                "print(response.text)\n",
+    "httpx": "import sys, httpx\n"
+             "response = httpx.get(sys.argv[1], timeout=20)\n"
+             "response.raise_for_status()\n"
+             "print(response.text)\n",
+}
+
+DOCTOR_NODE_CLIENT = ("if (typeof fetch !== 'function') { console.error('this Node has no fetch'); "
+                      "process.exit(1); }\n"
+                      "fetch(process.argv[1]).then(r => r.text()).then(t => console.log(t), e => {"
+                      " console.error(String((e && e.cause) || e)); process.exit(1); });\n")
+
+DOCTOR_FIXES = {
+    "proxy": {
+        "curl": "curl reads HTTPS_PROXY and https_proxy; remove any proxy or noproxy setting from "
+                "~/.curlrc and do not pass --noproxy",
+        "urllib": "urllib reads HTTPS_PROXY unless the code installs ProxyHandler({}); let it use "
+                  "the environment",
+        "requests": "requests reads HTTPS_PROXY unless the session has trust_env=False or the "
+                    "call passes proxies=; drop them",
+        "httpx": "httpx reads HTTPS_PROXY with trust_env=True (the default) and no explicit "
+                 "proxy=; drop trust_env=False",
+        "node": "Node ignores HTTPS_PROXY before v24: upgrade to Node 24 or newer (authsome sets "
+                "NODE_USE_ENV_PROXY=1, which it reads), or make the agent send requests through a "
+                "proxy agent that reads HTTPS_PROXY (undici's EnvHttpProxyAgent)",
+        "git": "git reads https_proxy; check that 'git config --get http.proxy' is empty",
+    },
+    "ca": {
+        "curl": "curl reads CURL_CA_BUNDLE; remove cacert or capath settings from ~/.curlrc",
+        "urllib": "Python's default SSL context reads SSL_CERT_FILE; code that builds its own "
+                  "context must load that file (ssl.create_default_context())",
+        "requests": "requests reads REQUESTS_CA_BUNDLE unless the call passes verify= with another "
+                    "file; drop it",
+        "httpx": "httpx reads SSL_CERT_FILE with trust_env=True; an explicit verify= context must "
+                 "load os.environ['SSL_CERT_FILE']",
+        "node": "Node reads NODE_EXTRA_CA_CERTS at start-up; do not override it in the agent's "
+                "launcher",
+        "git": "git reads GIT_SSL_CAINFO; check 'git config --get http.sslCAInfo' and "
+               "http.sslBackend",
+    },
+    "credential": "the request reached the host without the credential; run 'authsome --verbose "
+                  "run ...' to see why the proxy injected nothing",
+}
+
+
+def program_command():
+    """Return the argv prefix that runs this authsome (the script, or the zipapp holding it)."""
+    archive = getattr(globals().get("__loader__"), "archive", None)
+    return [sys.executable, archive or os.path.abspath(__file__)]
+
+
+def client_version(name):
+    """Return a short version string of a client, or None when it cannot be told."""
+    import subprocess
+    if name == "urllib":
+        return "Python %d.%d.%d" % sys.version_info[:3]
+    if name in ("requests", "httpx"):
+        command = [sys.executable, "-c", "import %s; print(%s.__version__)" % (name, name)]
+    else:
+        command = [name, "--version"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=15,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    words = done.stdout.strip().split()
+    if name in ("curl", "git") and len(words) >= 2:
+        return words[2] if name == "git" and len(words) >= 3 else words[1]
+    return words[0] if words else None
+
+
+def present_clients():
+    """Return the names of the HTTP clients that exist on this machine, in a fixed order."""
+    import importlib.util
+    import shutil
+    found = []
+    for name in ("curl", "urllib", "requests", "httpx", "node", "git"):
+        if name == "urllib":
+            found.append(name)
+        elif name in ("requests", "httpx"):
+            if importlib.util.find_spec(name) is not None:
+                found.append(name)
+        elif shutil.which(name):
+            found.append(name)
+    return found
+
+
+def client_command(name, workdir, url):
+    if name == "curl":
+        return ["curl", "-sS", "--fail", "--max-time", "20", url]
+    if name == "node":
+        return ["node", "-e", DOCTOR_NODE_CLIENT, url]
+    if name == "git":
+        return ["git", "ls-remote", url + "/repo.git"]
+    script = os.path.join(workdir, "client_%s.py" % name)
+    _write_private_file(script, DOCTOR_PYTHON_CLIENTS[name].encode())
+    return [sys.executable, script, url]
+
+
+class DoctorOrigin:
+    """The local stand-in for DOCTOR_HOST: HTTPS with a leaf from its own throwaway CA. It
+    records, per client (the first path segment), whether the request carried the credential."""
+
+    def __init__(self, ca, token):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        context = ca.server_context(DOCTOR_HOST)
+        expected = ("Bearer " + token).encode()
+        received = self.received = {}
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format, *args):
+                pass
+
+            def do_GET(self):
+                client = self.path.lstrip("/").split("/", 1)[0]
+                value = (self.headers.get("Authorization") or "").encode("latin-1", "replace")
+                received[client] = hmac.compare_digest(value, expected)
+                body = ("authsome doctor stand-in: credential %s\n"
+                        % ("received" if received[client] else "missing")).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def finish_request(self, request, client_address):
+                try:
+                    request.settimeout(30)
+                    tls = context.wrap_socket(request, server_side=True)
+                except (OSError, ssl.SSLError):
+                    return  # the proxy hung up, e.g. because its client refused the run CA
+                try:
+                    Handler(tls, client_address, self)
+                except (OSError, ssl.SSLError):
+                    pass
+                finally:
+                    with contextlib.suppress(OSError):
+                        tls.close()
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                       kwargs={"poll_interval": 0.1}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def doctor_environment(temp_home, ca_path, master_key):
+    env = {name: value for name, value in os.environ.items() if not name.startswith("AUTHSOME_")}
+    env.update(AUTHSOME_HOME=temp_home, AUTHSOME_MASTER_KEY=master_key, SSL_CERT_FILE=ca_path,
+               GIT_TERMINAL_PROMPT="0")
+    return env
+
+
+def setup_doctor_home(temp_home, env, token, program):
+    """Install the throwaway provider and log in to it with the throwaway credential."""
+    import subprocess
+    ensure_private_dir(temp_home)
+    ensure_private_dir(os.path.join(temp_home, "providers"))
+    definition = {"name": DOCTOR_PROVIDER, "display_name": "authsome doctor stand-in",
+                  "auth_type": "api_key", "flow": "api_key", "api_url": DOCTOR_HOST,
+                  "api_key": {"header_name": "Authorization", "header_prefix": "Bearer",
+                              "env_var": DOCTOR_VARIABLE},
+                  "export": {DOCTOR_VARIABLE: "API_KEY"}}
+    write_file_atomic(os.path.join(temp_home, "providers", DOCTOR_PROVIDER + ".json"),
+                      json.dumps(definition, indent=2).encode())
+    done = subprocess.run(program + ["login", DOCTOR_PROVIDER, "--stdin"], input=token, env=env,
+                          capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise AuthsomeError("doctor could not set up its throwaway credential: %s"
+                            % (done.stderr.strip() or "exit code %d" % done.returncode))
+
+
+def probe_client(name, workdir, env, program, port, timeout=DOCTOR_CLIENT_TIMEOUT):
+    """Run one client under `authsome run` through the probe; return the probe's report."""
+    import subprocess
+    url = "https://%s/%s" % (DOCTOR_HOST, name)
+    report_path = os.path.join(workdir, "report-%s.json" % name)
+    probe_path = os.path.join(workdir, "probe.py")
+    command = program + ["run", "--connect-to", "%s:443=127.0.0.1:%d" % (DOCTOR_HOST, port), "--",
+                         sys.executable, probe_path, report_path, str(timeout)]
+    command += client_command(name, workdir, url)
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True,
+                              timeout=timeout + 30, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return {"requests": [], "returncode": None, "stdout": "", "stderr": "authsome run timed out"}
+    try:
+        with open(report_path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {"requests": [], "returncode": done.returncode, "stdout": "",
+                "stderr": done.stderr.strip() or "the probe left no report"}
+
+
+def judge_client(name, version, report, received):
+    """Turn a probe report and the stand-in's record into the doctor's verdict for a client."""
+    through_proxy = any(DOCTOR_HOST in line for line in report["requests"])
+    trusted = (name in received) if through_proxy else None
+    credential = received.get(name, False) if trusted else None
+    ok = bool(through_proxy and trusted and credential)
+    fix = None
+    if not through_proxy:
+        fix = DOCTOR_FIXES["proxy"][name]
+    elif not trusted:
+        fix = DOCTOR_FIXES["ca"][name]
+    elif not credential:
+        fix = DOCTOR_FIXES["credential"]
+    lines = [line for line in (report.get("stderr") or "").splitlines() if line.strip()]
+    detail = secret_filter.mask(lines[-1].strip())[:300] if lines and not ok else ""
+    return {"client": name, "version": version, "through_proxy": through_proxy,
+            "trusted_ca": trusted, "credential": credential, "ok": ok, "fix": fix,
+            "detail": detail}
+
+
+def check_clients(names=None, program=None, timeout=DOCTOR_CLIENT_TIMEOUT):
+    """Run each HTTP client (default: those present) under `authsome run` against a local
+    stand-in and return one verdict per client: through the proxy, CA trusted, credential."""
+    import shutil
+    import tempfile
+    program = program or program_command()
+    names = present_clients() if names is None else list(names)
+    token = "doctor-" + secrets.token_urlsafe(24)
+    secret_filter.register(token)
+    workdir = tempfile.mkdtemp(prefix="authsome-doctor-")  # 0700, removed below
+    try:
+        ca_dir = os.path.join(workdir, "ca")
+        ensure_private_dir(ca_dir)
+        ca = CertificateAuthority(ca_dir)
+        ca_path = os.path.join(workdir, "stand-in-ca.pem")
+        _write_private_file(ca_path, ca.ca_cert_pem)
+        _write_private_file(os.path.join(workdir, "probe.py"), DOCTOR_PROBE.encode())
+        temp_home = os.path.join(workdir, "home")
+        env = doctor_environment(temp_home, ca_path, b64encode(os.urandom(32)))
+        setup_doctor_home(temp_home, env, token, program)
+        results = []
+        with DoctorOrigin(ca, token) as origin:
+            for name in names:
+                report = probe_client(name, workdir, env, program, origin.port, timeout)
+                results.append(judge_client(name, client_version(name), report, origin.received))
+        return results
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def build_parser():
     import argparse
-    common = argparse.ArgumentParser(add_help=False)
+
+    class Parser(argparse.ArgumentParser):
+        """Reports usage errors as one `error:` line (exit code 2) instead of a usage block."""
+
+        def error(self, message):
+            raise UsageError("%s; see: %s --help" % (message, self.prog))
+
+    common = Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print one JSON document on stdout")
     common.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
                         help="log each proxied request and other details on stderr")
     common.add_argument("--no-color", action="store_true", default=argparse.SUPPRESS,
                         help="print without colour (also when NO_COLOR is set)")
-    parser = argparse.ArgumentParser(
+    common.add_argument("--version", action="version", version="authsome %s" % __version__)
+    parser = Parser(
         prog="authsome", parents=[common],
         description="Local credential broker for AI agents: log in once, run agents behind a "
                     "proxy that injects the credential.",
         epilog="example: authsome login g2 && authsome run -- python3 my_agent.py")
-    parser.add_argument("--version", action="version", version="authsome %s" % __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name, summary, example):
         return commands.add_parser(name, parents=[common], help=summary, description=summary,
-                                   epilog="example: %s" % example)
+                                   epilog="example: %s" % example,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def connection_option(sub):
         sub.add_argument("--connection", metavar="NAME",
@@ -3451,9 +4881,11 @@ def build_parser():
     connection_option(sub)
     sub.add_argument("--force", action="store_true", help="replace an existing credential")
     sub.add_argument("--no-browser", action="store_true", help="ask in the terminal instead")
-    sub.add_argument("--stdin", action="store_true", help="read the key from standard input")
+    sub.add_argument("--stdin", action="store_true",
+                     help="read the API key, or the OAuth client secret, from standard input")
     sub.add_argument("--port", type=int, help="port of the local login form (default 7998, "
-                                              "or AUTHSOME_LOGIN_PORT)")
+                                              "or AUTHSOME_LOGIN_PORT) or of the OAuth callback "
+                                              "(default: a free port)")
     sub.add_argument("--flow", choices=("pkce", "device_code", "dcr_pkce"),
                      help="OAuth2 flow to use instead of the provider's default")
     sub.add_argument("--scopes", help="comma-separated OAuth2 scopes to request")
@@ -3509,14 +4941,20 @@ def build_parser():
 
     sub = command("init", "Create the vault.", "authsome init --passphrase")
     sub.add_argument("--passphrase", action="store_true",
-                     help="protect the vault with a passphrase (asked, or AUTHSOME_NEW_PASSPHRASE)")
+                     help="protect the vault with a passphrase (asked twice, or taken from "
+                          "AUTHSOME_NEW_PASSPHRASE or AUTHSOME_PASSPHRASE)")
 
     sub = command("passphrase", "Set, change or remove the vault passphrase.",
                   "authsome passphrase")
     sub.add_argument("--remove", action="store_true", help="go back to the key file")
 
-    command("doctor", "Check the home folder, the vault and the provider definitions.",
-            "authsome doctor")
+    sub = command("doctor", "Check the home folder, the vault and the provider definitions.",
+                  "authsome doctor --clients")
+    sub.add_argument("--clients", action="store_true",
+                     help="also run each HTTP client found here (curl, Python urllib, requests, "
+                          "httpx, node, git) under 'authsome run' against a local stand-in, and "
+                          "report whether it used the proxy, trusted the CA and got the "
+                          "credential")
 
     sub = command("run", "Run a command behind the credential-injecting proxy.",
                   "authsome run -- python3 my_agent.py")
@@ -3530,10 +4968,15 @@ def build_parser():
     return parser
 
 
-def read_new_passphrase():
-    passphrase = os.environ.get("AUTHSOME_NEW_PASSPHRASE")
-    if passphrase:
-        return passphrase
+def read_new_passphrase(fallback_variable=None):
+    """Return the new passphrase from AUTHSOME_NEW_PASSPHRASE (or `fallback_variable`), else ask
+    for it twice on the terminal."""
+    for variable in ("AUTHSOME_NEW_PASSPHRASE", fallback_variable):
+        if variable and os.environ.get(variable):
+            return os.environ[variable]
+    if not open_terminal_prompt():
+        raise UsageError("no terminal to ask for the new passphrase: set AUTHSOME_NEW_PASSPHRASE, "
+                         "or run the command in a terminal")
     first = prompt_hidden("New vault passphrase: ")
     if first != prompt_hidden("Repeat the passphrase: "):
         raise UsageError("the two passphrases differ; nothing was changed")
@@ -3566,10 +5009,35 @@ def login_command(ctx, args, out):
 
 
 def login_oauth(ctx, provider, connection, args, out):
-    raise LoginError("OAuth2 login for %s is not available in this version" % provider.name)
+    scopes = parse_scope_list(args.scopes) if args.scopes is not None else None
+    record = oauth_login(ctx.home, provider, connection, flow=args.flow, scopes=scopes,
+                         base_url=args.base_url, client_id=args.client_id,
+                         secret_mode="stdin" if args.stdin else "prompt", port=args.port,
+                         browser=has_graphical_session() and not args.no_browser, err=ctx.err)
+    return {"provider": provider.name, "connection": connection,
+            "status": record_status(record), "changed": True, "scopes": record["scopes"],
+            "expires_at": record["expires_at"],
+            "message": "Logged in to %s (connection %s)." % (provider.display_name, connection)}
 
 
-def print_human(command, result, out):
+ANSI_CODES = {"green": "32", "yellow": "33", "red": "31", "dim": "2", "bold": "1"}
+STATUS_COLORS = {STATUS_CONNECTED: "green", STATUS_EXPIRED: "yellow", STATUS_INVALID: "red",
+                 STATUS_NOT_CONNECTED: "dim"}
+
+
+def color_wanted(args, stream):
+    """Colour only on a terminal, and never with --no-color or a non-empty NO_COLOR."""
+    if getattr(args, "no_color", False) or os.environ.get("NO_COLOR"):
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and os.environ.get("TERM") != "dumb"
+
+
+def paint(text, color, enabled):
+    return "\x1b[%sm%s\x1b[0m" % (ANSI_CODES[color], text) if enabled and color else text
+
+
+def print_human(command, result, out, color=False):
     if command in ("login", "logout", "revoke", "remove", "register", "set-default", "init",
                    "passphrase") and isinstance(result, dict):
         out.write(result.get("message") or human_summary(command, result))
@@ -3581,17 +5049,15 @@ def print_human(command, result, out):
         else:
             out.write("%s\n" % ("" if result is None else result))
     elif command == "list":
-        print_provider_table(result, out)
-    elif command in ("whoami",):
+        print_provider_table(result, out, color)
+    elif command == "whoami":
         for key, value in result.items():
             out.write("%s: %s\n" % (key, value))
     elif command == "log":
         for entry in result:
-            out.write(" ".join("%s=%s" % (key, entry[key]) for key in sorted(entry)) + "\n")
+            out.write(format_audit_entry(entry) + "\n")
     elif command == "doctor":
-        for check in result:
-            out.write("%s %s: %s\n" % ("ok  " if check["ok"] else "FAIL", check["check"],
-                                       check["detail"]))
+        print_doctor(result, out, color)
     elif command == "inspect":
         out.write(json.dumps(result, indent=2) + "\n")
 
@@ -3612,15 +5078,93 @@ def human_summary(command, result):
     return "Vault %s is protected by: %s." % (result["vault"], result["key_protection"])
 
 
-def print_provider_table(rows, out):
-    out.write("%-24s %-8s %-8s %s\n" % ("PROVIDER", "TYPE", "SOURCE", "CONNECTIONS"))
+def provider_table_rows(rows):
+    """Flatten list_providers() into one table row per connection (or per provider without
+    one): provider, source, type, connection, status, expiry."""
+    table = []
     for row in rows:
-        connections = ", ".join(
-            "%s%s: %s%s" % (item["connection"], "*" if item["default"] else "", item["status"],
-                            " until %s" % iso_time(item["expires_at"]) if item["expires_at"] else "")
-            for item in row["connections"]) or "-"
-        out.write("%-24s %-8s %-8s %s\n" % (row["name"], row["auth_type"], row["source"],
-                                            connections))
+        several = len(row["connections"]) > 1
+        for item in row["connections"]:
+            expires = item["expires_at"]
+            table.append([row["name"], row["source"], row["auth_type"],
+                          item["connection"] + ("*" if several and item["default"] else ""),
+                          item["status"], iso_time(expires) if expires else "never"])
+        if not row["connections"]:
+            table.append([row["name"], row["source"], row["auth_type"], "-",
+                          STATUS_NOT_CONNECTED, "-"])
+    return table
+
+
+def print_provider_table(rows, out, color=False):
+    header = ["PROVIDER", "SOURCE", "TYPE", "CONNECTION", "STATUS", "EXPIRES"]
+    table = provider_table_rows(rows)
+    widths = [max(len(line[index]) for line in [header] + table) for index in range(len(header))]
+    for line in [header] + table:
+        cells = [cell.ljust(width) for cell, width in zip(line, widths)]
+        if line is not header:
+            cells[4] = paint(cells[4], STATUS_COLORS.get(line[4]), color)
+        out.write("  ".join(cells).rstrip() + "\n")
+    if any(line[3].endswith("*") for line in table):
+        out.write("* default connection (change it with: authsome set-default PROVIDER "
+                  "CONNECTION)\n")
+
+
+def format_audit_entry(entry):
+    known = ("time", "event", "provider", "connection", "method", "host", "path", "outcome")
+    parts = [entry.get("time", "-"), "%-11s" % entry.get("event", "-")]
+    if entry.get("provider"):
+        parts.append(entry["provider"] + ("/" + entry["connection"] if entry.get("connection")
+                                          else ""))
+    request = " ".join(entry[key] for key in ("method", "host", "path") if entry.get(key))
+    if request:
+        parts.append(request)
+    if entry.get("outcome"):
+        parts.append(str(entry["outcome"]))
+    parts.extend("%s=%s" % (key, entry[key]) for key in sorted(entry) if key not in known)
+    return "  ".join(parts)
+
+
+def yes_no(value):
+    return "not tested" if value is None else ("yes" if value else "no")
+
+
+def print_doctor(report, out, color=False):
+    for check in report["checks"]:
+        mark = paint("ok  ", "green", color) if check["ok"] else paint("FAIL", "red", color)
+        out.write("%s  %s: %s\n" % (mark, check["check"], check["detail"]))
+    if "clients" not in report:
+        return
+    out.write("clients (each run under 'authsome run' against a local stand-in, with a "
+              "throwaway credential):\n")
+    for client in report["clients"]:
+        mark = paint("ok  ", "green", color) if client["ok"] else paint("FAIL", "red", color)
+        name = client["client"] + (" " + client["version"] if client.get("version") else "")
+        out.write("  %s  %s: went through the proxy: %s; trusted the CA: %s; received the "
+                  "credential: %s\n" % (mark, name, yes_no(client["through_proxy"]),
+                                        yes_no(client["trusted_ca"]), yes_no(client["credential"])))
+        if client.get("detail"):
+            out.write("        said: %s\n" % client["detail"])
+        if client.get("fix"):
+            out.write("        fix: %s\n" % client["fix"])
+
+
+def export_command(ctx, args):
+    """Run `export`: the variables, plus the warning on stderr about where they now live."""
+    variables = export_variables(ctx, args.provider, args.connection)
+    if variables:
+        ctx.err.write("warning: these secrets are now in your shell's environment; "
+                      "'authsome run -- COMMAND' keeps them out of it\n")
+    else:
+        ctx.err.write("warning: nothing to export: no connected provider has export variables\n")
+    return variables
+
+
+def doctor_command(ctx, args):
+    report = {"checks": doctor_checks(ctx)}
+    if args.clients:
+        report["clients"] = check_clients()
+    report["ok"] = all(item["ok"] for item in report["checks"] + report.get("clients", []))
+    return report
 
 
 def dispatch(ctx, args, out):
@@ -3640,23 +5184,34 @@ def dispatch(ctx, args, out):
     if name == "list":
         return list_providers(ctx), EXIT_OK
     if name == "inspect":
+        # `authsome inspect g2 > ~/.authsome/providers/g2.json`: the shell has already created
+        # the empty target, which is not worth a warning.
+        target = ctx.provider_path(args.provider)
+        if PROVIDER_NAME_RE.match(args.provider) and os.path.isfile(target) \
+                and os.path.getsize(target) == 0:
+            ctx.quiet_paths.add(target)
         return inspect_provider(ctx, args.provider), EXIT_OK
     if name == "register":
         return register_provider(ctx, args.file, args.force), EXIT_OK
     if name == "set-default":
         return set_default_connection(ctx, args.provider, args.connection), EXIT_OK
+    if name == "export":
+        return export_command(ctx, args), EXIT_OK
     if name == "whoami":
         return vault_summary(ctx), EXIT_OK
     if name == "log":
-        return read_audit_log(ctx.home, max(args.n, 0)), EXIT_OK
+        if args.n < 0:
+            raise UsageError("-n must be 0 or more, got %d" % args.n)
+        return read_audit_log(ctx.home, args.n), EXIT_OK
     if name == "init":
-        return init_vault(ctx, read_new_passphrase() if args.passphrase else None), EXIT_OK
+        wanted = read_new_passphrase("AUTHSOME_PASSPHRASE") if args.passphrase else None
+        return init_vault(ctx, wanted), EXIT_OK
     if name == "passphrase":
         new = None if args.remove else read_new_passphrase()
         return change_passphrase(ctx, new, args.remove), EXIT_OK
     if name == "doctor":
-        checks = doctor_checks(ctx)
-        return checks, EXIT_OK if all(check["ok"] for check in checks) else EXIT_UNEXPECTED
+        report = doctor_command(ctx, args)
+        return report, EXIT_OK if report["ok"] else EXIT_UNEXPECTED
     raise UsageError("unknown command %r" % name)
 
 
@@ -3669,18 +5224,35 @@ def configure_logging(verbose):
     log.propagate = False
 
 
+def wants_json(argv):
+    """Whether --json is among the options (not in a command after `--`), for usage errors
+    that stop before the arguments are parsed."""
+    options = argv[:argv.index("--")] if "--" in argv else argv
+    return "--json" in options
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = wants_json(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        return report_error(exc, as_json)
     as_json = getattr(args, "json", False)
-    configure_logging(getattr(args, "verbose", False))
+    verbose = getattr(args, "verbose", False)
+    configure_logging(verbose)
     if not args.command:
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return EXIT_USAGE
     out = sys.stdout
     try:
         ctx = Context()
+        try:
+            ctx.ensure_home()
+        except OSError as exc:
+            raise AuthsomeError("cannot create home folder %s: %s; set AUTHSOME_HOME to a "
+                                "writable folder" % (ctx.home, exc.strerror or exc)) from None
         if args.command == "run":
             command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
             try:
@@ -3693,17 +5265,15 @@ def main(argv=None):
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
-        if args.command == "export":
-            variables = export_variables(ctx, args.provider, args.connection)
-            ctx.err.write("warning: these secrets are now in your shell's environment; "
-                          "'authsome run -- COMMAND' keeps them out of it\n")
-            out.write(format_export(variables, "json" if as_json else args.format) + "\n")
-            return EXIT_OK
         result, code = dispatch(ctx, args, out)
         if as_json:
             out.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        elif args.command == "export":
+            text = format_export(result, args.format)
+            out.write(text + "\n" if text else "")
         else:
-            print_human(args.command, result, out)
+            print_human(args.command, result, out, color_wanted(args, out))
+        out.flush()
         return code
     except AuthsomeError as exc:
         return report_error(exc, as_json)
@@ -3715,6 +5285,8 @@ def main(argv=None):
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except Exception as exc:
+        return report_unexpected(exc, verbose)
 
 
 def report_error(exc, as_json):
@@ -3724,6 +5296,15 @@ def report_error(exc, as_json):
         sys.stdout.write(json.dumps({"error": message, "exit_code": exc.code}) + "\n")
     return exc.code
 
+
+def report_unexpected(exc, verbose):
+    """A bug, not a user error: one line by default, the traceback (masked) with --verbose."""
+    if verbose:
+        import traceback
+        sys.stderr.write(secret_filter.mask(traceback.format_exc()))
+    sys.stderr.write("error: unexpected %s: %s (run with --verbose for the traceback, and "
+                     "please report it)\n" % (exc.__class__.__name__, secret_filter.mask(str(exc))))
+    return EXIT_UNEXPECTED
 
 if __name__ == "__main__":
     sys.exit(main())
