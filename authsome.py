@@ -951,8 +951,12 @@ class Catalog:
         provider = self.providers.get(name)
         if provider is None:
             close = self.suggest(name)
-            names = ", ".join(close[:-1]) + " or " + close[-1] if len(close) > 1 else "".join(close)
-            hint = ("did you mean %s?" % names) if close else "no similar name"
+            if not close:
+                hint = "no similar name"
+            elif len(close) == 1:
+                hint = "did you mean %s?" % close[0]
+            else:
+                hint = "did you mean %s or %s?" % (", ".join(close[:-1]), close[-1])
             raise NotFoundError("unknown provider %r: %s (all providers: authsome list)"
                                 % (name, hint))
         return provider
@@ -1279,7 +1283,7 @@ def check_api_key(provider, key):
     pattern = provider.api_key.get("key_pattern")
     if pattern and not re.fullmatch(pattern, key):
         hint = provider.api_key.get("key_pattern_hint") or "expected pattern %s" % pattern
-        return "the key does not look like a %s key: %s" % (provider.display_name, hint)
+        return "the key does not match the %s key format: %s" % (provider.display_name, hint)
     return None
 
 
@@ -1559,21 +1563,21 @@ METADATA_FIELDS = {"authorization_endpoint": "authorization_url", "token_endpoin
 
 
 def one_line(text, limit=300):
-    """Collapse `text` (a provider's words, say) to one short line with known secrets masked."""
+    """Collapse `text` (a provider's error description, say) to one short line, secrets masked."""
     text = re.sub(r"\s+", " ", CONTROL_CHARS_RE.sub(" ", str(text))).strip()
     text = secret_filter.mask(text)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def endpoint_label(url):
-    """The URL without query or fragment, for messages."""
+    """Return the URL without query or fragment, for messages."""
     from urllib.parse import urlsplit
     parts = urlsplit(url)
     return "%s://%s%s" % (parts.scheme, parts.netloc, parts.path)
 
 
 def is_endpoint_url(url):
-    """True for an https:// URL, or http:// on a loopback address (as provider validation)."""
+    """Return True for an https:// URL, or http:// on a loopback address (as validation does)."""
     from urllib.parse import urlsplit
     try:
         parts = urlsplit(url)
@@ -1651,14 +1655,14 @@ def parse_oauth_body(content_type, body):
 
 
 def oauth_error_text(document):
-    """`error (error_description)` of an OAuth error reply, as one safe line."""
+    """Format the `error (error_description)` of an OAuth error reply as one safe line."""
     error = one_line(document.get("error"), 80)
     description = document.get("error_description")
     return "%s (%s)" % (error, one_line(description, 200)) if description else error
 
 
 def parse_expires_in(value):
-    """Seconds from expires_in as a number or a numeric string; None when absent or unusable."""
+    """Return expires_in (a number or a numeric string) in seconds; None when absent or unusable."""
     if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*", value):
         value = float(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
@@ -1667,7 +1671,7 @@ def parse_expires_in(value):
 
 
 def parse_scope_list(value):
-    """Scopes from a space- or comma-separated string (GitHub and Slack use commas) or a list."""
+    """Return the scopes of a space- or comma-separated string (GitHub and Slack use commas)."""
     if isinstance(value, list):
         return [str(scope) for scope in value if scope]
     if isinstance(value, str):
@@ -1679,12 +1683,12 @@ def parse_token_response(status, content_type, body, what, error_class):
     """Check a token endpoint reply and return its tokens; an `error`, even in a 200, fails."""
     document = parse_oauth_body(content_type, body)
     if document is None:
-        raise error_class("the %s answered HTTP %d with a body that is neither JSON nor form "
+        raise error_class("the %s responded with HTTP %d and a body that is neither JSON nor form "
                           "encoded" % (what, status))
     if document.get("error"):
-        raise error_class("the %s refused: %s" % (what, oauth_error_text(document)))
+        raise error_class("the %s rejected the request: %s" % (what, oauth_error_text(document)))
     if not 200 <= status < 300:
-        raise error_class("the %s answered HTTP %d" % (what, status))
+        raise error_class("the %s responded with HTTP %d" % (what, status))
     access_token = document.get("access_token")
     refresh_token = document.get("refresh_token") or None
     for value in (access_token, refresh_token):
@@ -1720,8 +1724,10 @@ def token_record(provider, connection, tokens, requested_scopes, base_url, clien
 
 
 def resolve_oauth_endpoints(provider, base_url=None, client=None):
-    """The provider's OAuth endpoints with {base_url} filled in; gaps filled from discovery
-    results stored with a registered client."""
+    """Return the provider's OAuth endpoints with {base_url} filled in.
+
+    Endpoints the provider file leaves out come from the discovery results stored with a
+    registered client."""
     endpoints = {field: provider.oauth_url(field, base_url) for field in OAUTH_URL_FIELDS}
     registration = provider.data.get("registration")
     endpoints["registration_endpoint"] = (registration or {}).get("registration_endpoint")
@@ -1732,8 +1738,8 @@ def resolve_oauth_endpoints(provider, base_url=None, client=None):
 
 
 def client_for_record(document, provider, record):
-    """The client that obtained `record`: the stored one, or just the record's client ID when
-    the stored client was replaced since (a public client then)."""
+    """Return the client that obtained `record`: the stored client, or only the record's client
+    ID (as a public client) when the stored client was replaced since."""
     client = dict(document["clients"].get(provider.name) or {})
     if record.get("client_id") and client.get("client_id") != record["client_id"]:
         client = {"client_id": record["client_id"]}
@@ -1747,8 +1753,9 @@ def token_auth_method(provider, client):
 
 
 def add_client_auth(provider, client, form, headers):
-    """Authenticate the client as RFC 6749 2.3.1 says; a client without a secret is public and
-    sends its ID only."""
+    """Add client authentication to a request as RFC 6749 2.3.1 describes.
+
+    A client without a secret is public and sends only its ID."""
     from urllib.parse import quote_plus
     secret = client.get("client_secret")
     method = token_auth_method(provider, client)
@@ -1762,14 +1769,16 @@ def add_client_auth(provider, client, form, headers):
         form["client_secret"] = secret
 
 
-def client_request(provider, client, url, form, error_class, what, timeout=OAUTH_HTTP_TIMEOUT):
+def client_request(provider, client, url, form, error_class, what, timeout=OAUTH_HTTP_TIMEOUT,
+                   revocation=False):
     """POST `form` plus client authentication to a token, device or revocation endpoint.
 
-    A provider with `device_token_request: json` gets JSON bodies instead of form encoding.
+    A provider with `device_token_request: json` gets JSON bodies at its device and token
+    endpoints instead of form encoding. Revocation requests are always form-encoded (RFC 7009).
     """
     form, headers = dict(form), {}
     add_client_auth(provider, client, form, headers)
-    if provider.oauth.get("device_token_request") == "json":
+    if provider.oauth.get("device_token_request") == "json" and not revocation:
         return oauth_http(url, json_body=form, headers=headers, timeout=timeout, what=what,
                           error_class=error_class)
     return oauth_http(url, form=form, headers=headers, timeout=timeout, what=what,
@@ -1783,10 +1792,10 @@ def prompt_visible(prompt):
     try:
         if os.name == "nt":
             return input(prompt)
-        with open("/dev/tty", "r+", encoding="utf-8") as tty:
-            tty.write(prompt)
-            tty.flush()
-            line = tty.readline()
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+        with open(fd, "rb+", buffering=0) as tty:  # text mode would need a seekable file
+            tty.write(prompt.encode("utf-8"))
+            line = tty.readline().decode("utf-8", "replace")
     except (EOFError, KeyboardInterrupt):
         raise LoginError("login cancelled") from None
     if not line:
@@ -1796,7 +1805,7 @@ def prompt_visible(prompt):
 
 def check_client_value(value, what):
     if not value or CONTROL_CHARS_RE.search(value) or value != value.strip() or len(value) > 1024:
-        raise LoginError("the OAuth %s is empty, too long, or holds spaces or control "
+        raise LoginError("the OAuth %s is empty, too long, or contains spaces or control "
                          "characters; nothing was stored" % what)
     return value
 
@@ -1806,8 +1815,8 @@ def collect_client(provider, stored, client_id=None, secret_mode="prompt", stdin
 
     The ID comes from --client-id, else the stored client, else a prompt. The secret, when the
     token endpoint authenticates clients, comes from standard input (`secret_mode` "stdin":
-    standard input holds the client secret only, empty to keep the stored one), else the stored
-    client with the same ID, else a hidden prompt; it is never taken from argv. An empty secret
+    standard input contains only the client secret, empty to keep the stored one), else the stored
+    client with the same ID, else a hidden prompt. It is never taken from argv. An empty secret
     means a public client.
     """
     stored = stored or {}
@@ -1815,7 +1824,7 @@ def collect_client(provider, stored, client_id=None, secret_mode="prompt", stdin
     if not client_id:
         if secret_mode == "stdin":
             raise LoginError("%s needs an OAuth client ID: pass it with --client-id (with --stdin, "
-                             "standard input holds only the client secret)" % provider.name)
+                             "standard input contains only the client secret)" % provider.name)
         client_id = prompt_visible("%s OAuth client ID: " % provider.display_name).strip()
     check_client_value(client_id, "client ID")
     same = stored.get("client_id") == client_id
@@ -1856,9 +1865,9 @@ class CallbackServer:
     """The loopback redirect target of the authorization code flow (RFC 8252 7.3).
 
     The first GET /callback ends the wait: with a code when its `state` matches, otherwise with
-    a LoginError (a state that does not match is refused, since the reply does not belong to
-    the authorization request this process made). The request line, which holds the code, is
-    never logged.
+    a LoginError (a state that does not match is rejected, since the reply does not belong to
+    the authorization request this process made). The request line, which contains the code,
+    is never logged.
     """
 
     def __init__(self, port=0):
@@ -1866,6 +1875,7 @@ class CallbackServer:
         self.state = secrets.token_urlsafe(24)
         self.result = None
         self.done = threading.Event()
+        self._result_lock = threading.Lock()
         try:
             self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
         except OSError as exc:
@@ -1897,8 +1907,9 @@ class CallbackServer:
         self.httpd.server_close()
 
     def _finish(self, kind, value):
-        if self.result is None:
-            self.result = (kind, value)
+        with self._result_lock:
+            if self.result is None:  # the first callback decides
+                self.result = (kind, value)
         self.done.set()
 
     def _outcome(self, query):
@@ -1906,12 +1917,12 @@ class CallbackServer:
         state = query.get("state", "")
         if not hmac.compare_digest(state.encode("utf-8"), self.state.encode("utf-8")):
             return ("error", "the OAuth callback carried a state that does not match this login, "
-                             "so it was refused (a stale browser tab or a forged link); nothing "
+                             "so it was rejected (a stale browser tab or a forged link); nothing "
                              "was stored", 400,
                     "This callback does not belong to the login in progress. Run authsome "
                     "login again.")
         if query.get("error"):
-            message = ("the provider refused the authorization: %s; nothing was stored"
+            message = ("the provider rejected the authorization: %s; nothing was stored"
                        % oauth_error_text(query))
             return "error", message, 400, message
         if not query.get("code"):
@@ -1944,9 +1955,12 @@ class CallbackServer:
                 query = {name: values[0] for name, values in
                          parse_qs(parts.query, keep_blank_values=True).items()}
                 kind, value, status, text = callback._outcome(query)
-                callback._finish(kind, value)
                 title = "Authorization received" if kind == "code" else "Login failed"
-                self._send(status, title, text)
+                try:
+                    self._send(status, title, text)
+                finally:
+                    # Only now: the waiting login may end the process as soon as it wakes.
+                    callback._finish(kind, value)
 
             def _send(self, status, title, text):
                 import html
@@ -2012,12 +2026,12 @@ def device_authorization_grant(provider, client, endpoints, scopes, err, browser
         provider, client, endpoints["device_authorization_url"], form, LoginError, what)
     document = parse_oauth_body(content_type, body) or {}
     if document.get("error"):
-        raise LoginError("the %s refused: %s" % (what, oauth_error_text(document)))
+        raise LoginError("the %s rejected the request: %s" % (what, oauth_error_text(document)))
     device_code, user_code = document.get("device_code"), document.get("user_code")
     verification = document.get("verification_uri") or document.get("verification_url")
     if not 200 <= status < 300 or not all(isinstance(value, str) and value for value in (
             device_code, user_code, verification)):
-        raise LoginError("the %s answered HTTP %d without device_code, user_code and "
+        raise LoginError("the %s responded with HTTP %d without device_code, user_code and "
                          "verification_uri" % (what, status))
     secret_filter.register(device_code)
     interval = positive_number(document.get("interval"), DEVICE_DEFAULT_INTERVAL)
@@ -2076,7 +2090,7 @@ def discover_endpoints(issuer):
             continue
         document = parse_oauth_body(content_type, body) if status == 200 else None
         if not document:
-            failures.append("%s answered HTTP %d" % (endpoint_label(url), status))
+            failures.append("%s responded with HTTP %d" % (endpoint_label(url), status))
             continue
         return {field: document[name] for name, field in METADATA_FIELDS.items()
                 if isinstance(document.get(name), str) and is_endpoint_url(document[name])}
@@ -2085,7 +2099,7 @@ def discover_endpoints(issuer):
 
 
 def discovery_issuer(provider, base_url, endpoints):
-    """The issuer to discover from: the base URL, else the origin of a known endpoint."""
+    """Return the issuer to discover from: the base URL, else the origin of a known endpoint."""
     from urllib.parse import urlsplit
     if base_url:
         return base_url
@@ -2108,11 +2122,12 @@ def register_client(provider, endpoint, redirect_uri, scopes):
     status, content_type, data = oauth_http(endpoint, json_body=body, what=what)
     document = parse_oauth_body(content_type, data) or {}
     if document.get("error"):
-        raise LoginError("the %s refused: %s" % (what, oauth_error_text(document)))
+        raise LoginError("the %s rejected the request: %s" % (what, oauth_error_text(document)))
     client_id = document.get("client_id")
     if not 200 <= status < 300 or not isinstance(client_id, str) or not client_id:
-        raise LoginError("the %s answered HTTP %d without a client_id" % (what, status))
-    secret = document.get("client_secret") if isinstance(document.get("client_secret"), str) else None
+        raise LoginError("the %s responded with HTTP %d without a client_id" % (what, status))
+    secret = document.get("client_secret")
+    secret = secret if isinstance(secret, str) and secret else None
     secret_filter.register(secret)
     method = document.get("token_endpoint_auth_method")
     if method not in TOKEN_AUTH_METHODS:
@@ -2123,8 +2138,10 @@ def register_client(provider, endpoint, redirect_uri, scopes):
 
 
 def choose_oauth_flow(provider, requested, endpoints):
-    """The flow to run: --flow, else the provider's; a pkce provider with a device endpoint
-    uses the device flow when no browser here would reach the user."""
+    """Return the flow to run: --flow, else the provider's.
+
+    A pkce provider with a device endpoint uses the device flow when no browser on this
+    machine would reach the user."""
     flow = requested or provider.flow
     if (not requested and flow == "pkce" and endpoints.get("device_authorization_url")
             and not has_graphical_session()):
@@ -2137,7 +2154,7 @@ def choose_oauth_flow(provider, requested, endpoints):
 
 
 def callback_port(port, client):
-    """The port to listen on: --port, else the port a registered client was registered with."""
+    """Return (port, remembered): --port, else the port a registered client was registered with."""
     from urllib.parse import urlsplit
     if port is not None or not client or not client.get("redirect_uri"):
         return port, False
@@ -2159,7 +2176,8 @@ def loopback_login(vault, provider, stored, flow, endpoints, scopes, base_url, o
     register = flow == "dcr_pkce" and not options.get("client_id")
     reuse = stored if register and stored and stored.get("registered") else None
     needed = ["authorization_url", "token_url"] + (["registration_endpoint"] if register else [])
-    if any(not endpoints.get(field) for field in needed):
+    discovered = any(not endpoints.get(field) for field in needed)
+    if discovered:
         found = discover_endpoints(discovery_issuer(provider, base_url, endpoints))
         endpoints = dict(endpoints, **{field: url for field, url in found.items()
                                        if not endpoints.get(field)})
@@ -2191,6 +2209,9 @@ def loopback_login(vault, provider, stored, flow, endpoints, scopes, base_url, o
                                           options.get("browser", False), err)
     finally:
         server.close()
+    if discovered and not client.get("endpoints"):
+        # Refresh and revocation need the discovered endpoints too.
+        client["endpoints"] = {field: url for field, url in endpoints.items() if url}
     return tokens, client, endpoints
 
 
@@ -2237,7 +2258,7 @@ def oauth_login(home, provider, connection, flow=None, scopes=None, base_url=Non
 
 
 def needs_refresh(record, at=None):
-    """True when the access token has less than REFRESH_MARGIN seconds left (or none)."""
+    """Return True when the access token expires in less than REFRESH_MARGIN seconds."""
     expires_at = record.get("expires_at")
     return expires_at is not None and expires_at - (now() if at is None else at) < REFRESH_MARGIN
 
@@ -2312,8 +2333,9 @@ def refresh_token_record(home, vault, provider, record):
 def ensure_fresh(home, vault, provider, record, warn):
     """Return a usable record, refreshing it when less than REFRESH_MARGIN remains.
 
-    A failed refresh with a still-valid token keeps that token and calls `warn`; an expired
-    token raises CredentialError (no refresh token) or RefreshError, naming the login command.
+    A failed refresh with a still-valid token keeps that token and calls `warn`. An expired
+    token raises CredentialError (no refresh token) or RefreshError, and the message names the
+    login command.
     """
     if record.get("auth_type") != "oauth2" or not needs_refresh(record):
         return record
@@ -2339,8 +2361,10 @@ def ensure_fresh(home, vault, provider, record, warn):
 
 
 def refresh_at_use(home, vault, provider, record, err=None, strict=True):
-    """ensure_fresh for `get` and `export`: warnings go to `err`; with `strict` False an
-    unusable record is returned as it is (after a warning) instead of raising."""
+    """Run ensure_fresh for `get` and `export`, writing warnings to `err`.
+
+    With `strict` False, an unusable record is returned unchanged after a warning instead of
+    raising."""
     err = err or sys.stderr
     if record is None:
         return None
@@ -2414,7 +2438,7 @@ class ProxyTokenRefresher:
 def revoke_oauth_tokens(home, vault, provider, record, warn):
     """Revoke a record's tokens at the provider (RFC 7009), refresh token first.
 
-    Returns True when the provider accepted, False when it could not be asked or refused (after
+    Returns True when the provider accepted, False when it was unreachable or rejected it (after
     `warn`), None when there is nothing to revoke or no revocation endpoint.
     """
     if record.get("auth_type") != "oauth2":
@@ -2435,7 +2459,7 @@ def revoke_oauth_tokens(home, vault, provider, record, warn):
         try:
             status, content_type, body = client_request(
                 provider, client, url, {"token": token, "token_type_hint": hint}, LoginError, what,
-                timeout=REVOKE_TIMEOUT)
+                timeout=REVOKE_TIMEOUT, revocation=True)
         except LoginError as exc:
             warn("%s; the local credential is removed anyway" % exc)
             break  # unreachable: do not wait a second time
@@ -2975,6 +2999,7 @@ STATUS_CODE_RE = re.compile(rb"^[1-5][0-9][0-9]$")
 HEX_RE = re.compile(rb"^[0-9a-fA-F]+$")
 AUTHORITY_HOST_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
 HOP_BY_HOP_PROXY_HEADERS = ("proxy-authorization", "proxy-connection", "proxy-authenticate")
+IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE")  # RFC 9110 9.2.2
 
 
 class ProtocolError(Exception):
@@ -3190,12 +3215,15 @@ class SocketReader:
         scanned = 0
         while True:
             end = self.buffer.find(b"\r\n\r\n", max(0, scanned - 3))
-            if end >= 0:
-                head, self.buffer = self.buffer[:end + 4], self.buffer[end + 4:]
-                return head
+            size = end + 4 if end >= 0 else None
             bare = self.buffer.find(b"\n\n", max(0, scanned - 1))
-            if bare >= 0:
-                head, self.buffer = self.buffer[:bare + 2], self.buffer[bare + 2:]
+            if bare >= 0 and (size is None or bare + 2 < size):
+                size = bare + 2
+            if size is not None:
+                # A head that arrives whole in one read is held to the same cap.
+                if size > limit:
+                    raise ProtocolError(431, "message head larger than %d bytes" % limit)
+                head, self.buffer = self.buffer[:size], self.buffer[size:]
                 return head
             if len(self.buffer) > limit:
                 raise ProtocolError(431, "message head larger than %d bytes" % limit)
@@ -3276,21 +3304,27 @@ def relay_length(reader, sock, remaining, deadline=None):
         remaining -= len(data)
 
 
-def relay_chunked(reader, sock, deadline=None):
-    """Copy a chunked body chunk by chunk, so each chunk reaches the peer as soon as it arrives."""
+def relay_chunked(reader, sock, deadline=None, decode=False):
+    """Copy a chunked body chunk by chunk, so each chunk reaches the peer as soon as it arrives.
+
+    With `decode`, only the chunk data is sent (no sizes, no trailers), for an HTTP/1.0 peer.
+    """
     while True:
         size = parse_chunk_size(reader.read_line(MAX_CHUNK_LINE, deadline))
-        sock.sendall(b"%x\r\n" % size)
+        if not decode:
+            sock.sendall(b"%x\r\n" % size)
         if size == 0:
             break
         relay_length(reader, sock, size, deadline)
         if reader.read_line(MAX_CHUNK_LINE, deadline).strip(b"\r\n"):
             raise ProtocolError(400, "chunk data longer than its size")
-        sock.sendall(b"\r\n")
+        if not decode:
+            sock.sendall(b"\r\n")
     trailer_bytes = 0
     while True:
         line = reader.read_line(MAX_CHUNK_LINE, deadline)
-        sock.sendall(line if line.endswith(b"\r\n") else line.rstrip(b"\n") + b"\r\n")
+        if not decode:
+            sock.sendall(line if line.endswith(b"\r\n") else line.rstrip(b"\n") + b"\r\n")
         if not line.strip(b"\r\n"):
             return
         trailer_bytes += len(line)
@@ -3310,6 +3344,45 @@ def relay_body(reader, sock, framing, deadline=None):
         relay_chunked(reader, sock, deadline)
     elif kind == "close":
         relay_until_close(reader, sock)
+
+
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 4 * 1024 * 1024
+
+
+def close_gracefully(sock, linger=LINGER_SECONDS):
+    """Close a client connection so that the last response reaches the client intact.
+
+    A TLS connection first gets a close_notify (OpenSSL 3 clients report a close without one as
+    a truncation), then the write side is shut, then bytes the client still sends are read and
+    dropped for at most `linger` seconds. Closing with unread request bytes (an unsent body
+    after an early answer, a pipelined request after an error) would make the kernel answer
+    with a reset, which can destroy the response before the client reads it.
+    """
+    try:
+        if sock.fileno() < 0:
+            return
+        if isinstance(sock, ssl.SSLSocket):
+            sock.setblocking(False)  # send the close_notify; do not wait for the client's
+            with contextlib.suppress(ssl.SSLError, OSError, ValueError):
+                sock.unwrap()
+        sock.shutdown(socket.SHUT_WR)  # on an SSLSocket this drops to the raw socket
+        deadline = time.monotonic() + linger
+        drained = 0
+        while drained < LINGER_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            sock.settimeout(remaining)
+            data = sock.recv(65536)
+            if not data:
+                break
+            drained += len(data)
+    except (OSError, ValueError):
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()
 
 
 def simple_response(status, reason, body, extra_headers=()):
@@ -3501,6 +3574,8 @@ def describe_upstream_error(host, port, exc):
         reason = "timed out"
     elif isinstance(exc, socket.gaierror):
         reason = "name resolution failed"
+    elif isinstance(exc, ConnectionClosed):
+        reason = "the origin closed the connection before a complete response"
     else:
         reason = getattr(exc, "strerror", None) or exc.__class__.__name__
     return "authsome: could not reach %s: %s\n" % (format_authority(host, port), reason)
@@ -3590,8 +3665,7 @@ class ProxyServer:
         except Exception:
             log.exception("unexpected error in a proxy connection")
         finally:
-            with contextlib.suppress(OSError):
-                conn.close()
+            close_gracefully(conn)
             with self._active_lock:
                 self._active -= 1
 
@@ -3622,7 +3696,10 @@ class ClientSession:
         except ProtocolError as exc:
             return self._send_error(exc.status, exc.reason)
         except socket.timeout:
-            return self._send_error(408, "timed out waiting for the request head")
+            # A connection opened ahead of use and never used is closed without an answer.
+            if self.reader.buffer:
+                self._send_error(408, "timed out waiting for the request head")
+            return None
         if not self.proxy.authorized(head):
             return self.conn.sendall(simple_response(
                 407, "Proxy Authentication Required", "authsome: proxy credentials missing or wrong\n",
@@ -3686,8 +3763,7 @@ class ClientSession:
             reader = SocketReader(tls, self.limits.idle_timeout)
             Exchange(self.proxy, tls, reader, host, port, intercepted=True).serve()
         finally:
-            with contextlib.suppress(OSError):
-                tls.close()
+            close_gracefully(tls)
 
     def _forward_absolute(self, head, use_tls):
         from urllib.parse import urlsplit
@@ -3706,30 +3782,132 @@ class ClientSession:
 
 def pump_sockets(first, second):
     """Copy bytes both ways between two plain sockets until both directions are closed."""
+    relay_streams(first, second)
+
+
+RELAY_HIGH_WATER = 1024 * 1024  # bytes held for a slow receiver before its sender is paused
+_WANT_READ, _WANT_WRITE = 1, 2  # selectors.EVENT_READ and EVENT_WRITE
+
+
+class _RelayEnd:
+    """One side of relay_streams: its socket and the bytes waiting to be written to it."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.view = memoryview(bytearray(COPY_BUFFER_SIZE))
+        self.outgoing = bytearray()
+        self.retry = 0  # a TLS write that wanted I/O must be repeated with the same bytes
+        self.read_wait = _WANT_READ  # what the socket must become before the next read
+        self.write_wait = _WANT_WRITE
+        self.read_done = False  # the peer of this socket will send nothing more
+        self.write_done = False
+        self.peer = None
+
+    def write(self, data):
+        """Send from `data` without blocking; returns the count sent (0 when it would block)."""
+        try:
+            return self.sock.send(data)
+        except ssl.SSLWantWriteError:
+            self.write_wait = _WANT_WRITE
+        except ssl.SSLWantReadError:
+            self.write_wait = _WANT_READ
+        except BlockingIOError:
+            self.write_wait = _WANT_WRITE
+            return 0
+        self.retry = len(data)
+        return 0
+
+    def flush(self):
+        moved = False
+        while self.outgoing:
+            size = self.retry or min(len(self.outgoing), COPY_BUFFER_SIZE)
+            self.retry = 0
+            sent = self.write(bytes(self.outgoing[:size]))
+            if not sent:
+                return moved
+            del self.outgoing[:sent]
+            moved = True
+        return moved
+
+    def pass_on(self):
+        """Read what is available and hand it to the peer; returns whether anything moved."""
+        peer, moved = self.peer, False
+        while not self.read_done and len(peer.outgoing) < RELAY_HIGH_WATER:
+            try:
+                count = self.sock.recv_into(self.view)
+            except ssl.SSLWantReadError:
+                self.read_wait = _WANT_READ
+                return moved
+            except ssl.SSLWantWriteError:
+                self.read_wait = _WANT_WRITE
+                return moved
+            except BlockingIOError:
+                self.read_wait = _WANT_READ
+                return moved
+            moved = True
+            if not count:
+                self.read_done = True
+                return moved
+            data = self.view[:count]
+            sent = 0 if peer.outgoing else peer.write(data)
+            if sent < count:
+                peer.outgoing += data[sent:]
+        return moved
+
+
+def relay_streams(first, second, from_first=b"", from_second=b""):
+    """Copy bytes both ways between two sockets, plain or TLS, until the exchange is over.
+
+    One thread owns both sockets and never blocks on either, so no OpenSSL object is used by
+    two threads at once, and two peers that both write before they read cannot deadlock the
+    relay. `from_first` and `from_second` are bytes already read from each side. When one side
+    finishes, a plain peer gets a half-close (SHUT_WR) and the other direction goes on; a TLS
+    peer cannot be half-closed, so the relay ends once what was read has been written.
+    """
     import selectors
-    peers = {first: second, second: first}
-    for sock in peers:
-        sock.settimeout(None)
+    ends = [_RelayEnd(first), _RelayEnd(second)]
+    ends[0].peer, ends[1].peer = ends[1], ends[0]
+    ends[1].outgoing += from_first
+    ends[0].outgoing += from_second
     selector = selectors.DefaultSelector()
-    view = memoryview(bytearray(COPY_BUFFER_SIZE))
+    registered = {}
     try:
-        for sock in peers:
-            selector.register(sock, selectors.EVENT_READ)
-        open_directions = 2
-        while open_directions:
-            for key, _ in selector.select():
-                source = key.fileobj
-                try:
-                    count = source.recv_into(view)
-                except (ConnectionResetError, ConnectionAbortedError):
-                    return
-                if not count:
-                    selector.unregister(source)
-                    open_directions -= 1
-                    with contextlib.suppress(OSError):
-                        peers[source].shutdown(socket.SHUT_WR)
-                    continue
-                peers[source].sendall(view[:count])
+        for end in ends:
+            end.sock.setblocking(False)
+        while True:
+            moved = False
+            for end in ends:
+                moved = end.flush() or moved
+                moved = end.pass_on() or moved
+            for end in ends:
+                peer = end.peer
+                if end.read_done and not peer.outgoing and not peer.write_done:
+                    if peer.tls:
+                        return
+                    peer.write_done = True
+                    peer.sock.shutdown(socket.SHUT_WR)
+            if all(end.read_done and not end.peer.outgoing for end in ends):
+                return
+            if moved:
+                continue
+            for end in ends:
+                events = 0
+                if not end.read_done and len(end.peer.outgoing) < RELAY_HIGH_WATER:
+                    events |= end.read_wait
+                if end.outgoing:
+                    events |= end.write_wait
+                if events != registered.get(end, 0):
+                    if registered.get(end, 0) and events:
+                        selector.modify(end.sock, events, end)
+                    elif events:
+                        selector.register(end.sock, events, end)
+                    else:
+                        selector.unregister(end.sock)
+                    registered[end] = events
+            selector.select()
+    except (OSError, ssl.SSLError):
+        return  # a reset or a broken TLS stream ends the relay; the callers close both sockets
     finally:
         selector.close()
 
@@ -3747,6 +3925,8 @@ class Exchange:
         self.intercepted = intercepted
         self.use_tls = use_tls
         self.upstream = None
+        self._reused = False  # whether the current request went out on a kept-alive connection
+        self._response_started = False  # whether any response byte reached the client
 
     def serve(self, first_head=None):
         try:
@@ -3799,29 +3979,46 @@ class Exchange:
         path = normalize_request_path(head.target)
         injected = self._inject(head) if self.intercepted else (None, "plain http")
         head.remove(*HOP_BY_HOP_PROXY_HEADERS)
-        try:
-            upstream = self._upstream()
-        except (OSError, ssl.SSLError) as exc:
-            self._log(head, path, 502, injected)
-            self.client.sendall(simple_response(502, "Bad Gateway",
-                                                describe_upstream_error(self.host, self.port, exc)))
-            return False
-        try:
-            status, keep_alive = self._exchange(head, framing, upstream)
-        except ProtocolError as exc:
-            self._log(head, path, exc.status, injected)
-            self._send_error(exc.status, exc.reason)
-            self._drop_upstream()
-            return False
-        except (ConnectionClosed, socket.timeout, OSError, ssl.SSLError) as exc:
-            self._log(head, path, 502, injected)
-            if not getattr(self, "_response_started", False):
-                self.client.sendall(simple_response(
+        # A kept-alive upstream connection can be closed by the origin just as a request goes
+        # out on it; a request without a body that is safe to repeat then gets a new connection.
+        replayable = framing == ("length", 0) and head.method in IDEMPOTENT_METHODS
+        attempts = 2
+        while True:
+            attempts -= 1
+            self._response_started = False
+            try:
+                upstream = self._upstream()
+            except (OSError, ssl.SSLError) as exc:
+                self._log(head, path, 502, injected)
+                self._send_error_page(simple_response(
                     502, "Bad Gateway", describe_upstream_error(self.host, self.port, exc)))
-            self._drop_upstream()
-            return False
-        self._log(head, path, status, injected)
-        return keep_alive
+                return False
+            try:
+                status, keep_alive = self._exchange(head, framing, upstream)
+            except ProtocolError as exc:
+                self._log(head, path, exc.status, injected)
+                if not self._response_started:  # never write an error page into a response
+                    self._send_error(exc.status, exc.reason)
+                self._drop_upstream()
+                return False
+            except (ConnectionClosed, socket.timeout, OSError, ssl.SSLError) as exc:
+                self._drop_upstream()
+                if (attempts and replayable and self._reused and not self._response_started
+                        and not isinstance(exc, socket.timeout)):
+                    log.debug("kept-alive upstream connection to %s was closed; retrying",
+                              format_authority(self.host, self.port))
+                    continue
+                self._log(head, path, 502, injected)
+                if not self._response_started:
+                    self._send_error_page(simple_response(
+                        502, "Bad Gateway", describe_upstream_error(self.host, self.port, exc)))
+                return False
+            self._log(head, path, status, injected)
+            return keep_alive
+
+    def _send_error_page(self, page):
+        with contextlib.suppress(OSError):
+            self.client.sendall(page)
 
     def _check_target(self, head):
         """Reject a request whose target or Host names another host than this stream's origin."""
@@ -3838,6 +4035,12 @@ class Exchange:
         elif not target.startswith("/") and not (target == "*" and head.method == "OPTIONS"):
             raise ProtocolError(400, "malformed request target")
         hosts = head.get_all("Host")
+        if not hosts and head.version == "HTTP/1.0":
+            # HTTP/1.0 does not require Host; the origin gets the name of this connection.
+            default_port = 443 if self.use_tls else 80
+            name = "[%s]" % self.host if ":" in self.host else self.host
+            hosts = [name if self.port == default_port else "%s:%d" % (name, self.port)]
+            head.headers.insert(0, ["Host", hosts[0]])
         if len(hosts) != 1:
             raise ProtocolError(400, "a request needs exactly one Host header")
         if not self._same_origin(hosts[0]):
@@ -3870,6 +4073,7 @@ class Exchange:
     def _upstream(self):
         if self.upstream is not None and self.upstream.is_stale():
             self._drop_upstream()
+        self._reused = self.upstream is not None
         if self.upstream is None:
             self.upstream = Upstream(self.proxy, self.host, self.port, self.use_tls)
         return self.upstream
@@ -3887,6 +4091,7 @@ class Exchange:
         expects_continue = head.has_token("Expect", "100-continue") and framing != ("length", 0)
         upstream.sock.sendall(head.serialize())
         response = None
+        early = False
         if expects_continue:
             response = self._await_continue(upstream)
         if response is None or response.status == 100:
@@ -3896,10 +4101,12 @@ class Exchange:
             relay_body(self.reader, upstream.sock, framing)
             response = self._read_final_response(upstream)
         elif response.status >= 200:
-            # The origin answered without the body; the client may still send it, so this
-            # connection cannot carry another request.
-            client_closes = True
-        return self._relay_response(head, response, upstream, client_closes)
+            # The origin answered without the body. The client may still send it, so neither
+            # this client connection nor the upstream one can carry another request; the
+            # response says so, and the client connection is closed with a linger (see
+            # close_gracefully) so the body bytes in flight do not reset it.
+            early = True
+        return self._relay_response(head, response, upstream, client_closes, early)
 
     def _await_continue(self, upstream):
         try:
@@ -3933,21 +4140,45 @@ class Exchange:
             response = self._read_response_head(upstream)
         return response
 
-    def _relay_response(self, head, response, upstream, client_closes):
-        self._response_started = True
+    def _relay_response(self, head, response, upstream, client_closes, early=False):
         if response.status == 101:
+            self._response_started = True
             self.client.sendall(response.serialize())
             relay_upgraded(self.client, self.reader, upstream)
             self._drop_upstream()
             return 101, False
         framing = response_framing(head.method, response)
+        # An HTTP/1.0 client cannot read chunked framing: it gets the data, ending at the close.
+        decode = framing[0] == "chunked" and head.version == "HTTP/1.0"
+        keep_alive = not (client_closes or early or decode or framing[0] == "close")
+        self._set_connection_headers(head, response, framing, decode, keep_alive)
+        self._response_started = True
         self.client.sendall(response.serialize())
-        relay_body(upstream.reader, self.client, framing)
-        origin_closes = framing[0] == "close" or response.has_token("Connection", "close") or (
+        if decode:
+            relay_chunked(upstream.reader, self.client, decode=True)
+        else:
+            relay_body(upstream.reader, self.client, framing)
+        origin_closes = early or framing[0] == "close" or response.has_token("Connection", "close") or (
             response.version == "HTTP/1.0" and not response.has_token("Connection", "keep-alive"))
         if origin_closes:
             self._drop_upstream()
-        return response.status, not (client_closes or framing[0] == "close")
+        return response.status, keep_alive
+
+    @staticmethod
+    def _set_connection_headers(head, response, framing, decode, keep_alive):
+        """Make the response's framing and Connection headers say what the proxy will do."""
+        if framing[0] == "chunked":
+            response.remove("Content-Length")  # Transfer-Encoding wins (RFC 9112 section 6.3)
+        if decode:
+            response.remove("Transfer-Encoding")
+        if not keep_alive:
+            others = [token.strip() for value in response.get_all("Connection")
+                      for token in value.split(",")
+                      if token.strip() and token.strip().lower() not in ("close", "keep-alive")]
+            response.remove("Connection", "Keep-Alive")
+            response.headers.append(["Connection", ", ".join(["close"] + others)])
+        elif head.version == "HTTP/1.0" and not response.has_token("Connection", "keep-alive"):
+            response.headers.append(["Connection", "keep-alive"])
 
     def _log(self, head, path, status, injected):
         credential, reason = injected
@@ -3964,26 +4195,14 @@ class Exchange:
 
 
 def relay_upgraded(client, client_reader, upstream):
-    """After 101 Switching Protocols, copy raw bytes both ways until either side closes."""
+    """After 101 Switching Protocols, copy raw bytes both ways until either side closes.
 
-    def copy(source_reader, source, destination):
-        try:
-            source_reader.timeout = None
-            while True:
-                data = source_reader.read_some(256 * 1024)
-                if not data:
-                    break
-                destination.sendall(data)
-        except (OSError, ssl.SSLError):
-            pass
-        finally:
-            with contextlib.suppress(OSError, ssl.SSLError):
-                destination.shutdown(socket.SHUT_WR)
-
-    upward = threading.Thread(target=copy, args=(client_reader, client, upstream.sock), daemon=True)
-    upward.start()
-    copy(upstream.reader, upstream.sock, client)
-    upward.join()
+    Both sockets may be TLS; one thread drives them (see relay_streams), because an SSLSocket
+    read in one thread while another thread writes it shares one OpenSSL object unsafely.
+    """
+    from_client, client_reader.buffer = client_reader.buffer, b""
+    from_upstream, upstream.reader.buffer = upstream.reader.buffer, b""
+    relay_streams(client, upstream.sock, from_client, from_upstream)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4037,10 +4256,20 @@ def representative_host(route):
 
 
 def no_proxy_entry_covers(entry, host):
+    """Whether a NO_PROXY entry (name, .suffix, *.suffix, IP, [IPv6]:port, CIDR) covers host."""
     entry = entry.strip().lower()
     if entry == "*":
         return True
-    entry = entry.lstrip("*").lstrip(".").split(":")[0]
+    if entry.startswith("["):
+        entry = entry[1:].partition("]")[0]
+    elif entry.count(":") == 1:
+        entry = entry.partition(":")[0]  # host:port; a bare IPv6 literal has more colons
+    if "/" in entry:
+        try:
+            return ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            return False
+    entry = entry.lstrip("*").lstrip(".")
     return bool(entry) and (host == entry or host.endswith("." + entry))
 
 
@@ -4061,7 +4290,9 @@ def child_no_proxy(parent_env, routes, warn):
         else:
             kept.append(entry)
     for loopback in ("localhost", "127.0.0.1", "::1"):
-        if loopback not in kept:
+        # A provider at a loopback address (a local gateway, a test stand-in) keeps its
+        # address out of NO_PROXY, or its requests would go around the proxy.
+        if loopback not in kept and not any(no_proxy_entry_covers(loopback, host) for host in hosts):
             kept.append(loopback)
     return ",".join(kept)
 
@@ -4135,6 +4366,242 @@ def run_child(command, env):
             signal.signal(signum, handler)
 
 
+# Node.js before 22.21 / 24.5 ignores HTTP(S)_PROXY and NODE_USE_ENV_PROXY. This CommonJS file,
+# loaded with NODE_OPTIONS=--require, sends the http and https modules (every Agent) and
+# the built-in fetch through the proxy with CONNECT tunnels, honouring NO_PROXY. Not covered:
+# a request made with its own createConnection (the `ws` package does this), a fetch given its
+# own dispatcher, and raw net/tls sockets. Newer Node.js (which knows --use-env-proxy) does
+# this natively, so the file then does nothing.
+NODE_PRELOAD_JS = r"""'use strict';
+// Written by authsome run: routes Node's http, https and fetch through the run's proxy.
+(function authsomeProxyPreload() {
+  const marker = Symbol.for('authsome.proxy-preload');
+  if (globalThis[marker]) return;
+  globalThis[marker] = true;
+  if (process.allowedNodeEnvironmentFlags.has('--use-env-proxy')) return;
+  const net = require('net');
+  const tls = require('tls');
+  const http = require('http');
+  const https = require('https');
+  const env = process.env;
+
+  function parseProxy(text) {
+    try {
+      const url = new URL(text);
+      const credentials = decodeURIComponent(url.username) + ':' + decodeURIComponent(url.password);
+      return { host: url.hostname.replace(/^\[|\]$/g, ''), port: Number(url.port) || 80,
+               auth: 'Basic ' + Buffer.from(credentials).toString('base64') };
+    } catch (error) {
+      return null;
+    }
+  }
+  const proxies = { 'https:': parseProxy(env.HTTPS_PROXY || env.https_proxy || ''),
+                    'http:': parseProxy(env.HTTP_PROXY || env.http_proxy || '') };
+  const noProxy = (env.NO_PROXY || env.no_proxy || '').split(',')
+    .map((entry) => entry.trim().toLowerCase()).filter(Boolean);
+
+  function bare(host) {
+    return String(host || '').toLowerCase().replace(/^\[|\]$/g, '').replace(/\.$/, '');
+  }
+  function bypass(host) {
+    host = bare(host);
+    return noProxy.some((entry) => {
+      if (entry === '*') return true;
+      if (entry.startsWith('[')) entry = entry.slice(1).split(']')[0];
+      else if (entry.split(':').length === 2) entry = entry.split(':')[0];
+      entry = entry.replace(/^\*/, '').replace(/^\./, '');
+      return entry !== '' && (host === entry || host.endsWith('.' + entry));
+    });
+  }
+
+  // Ask the proxy for a tunnel to host:port; callback(error, socket) after its 200.
+  function tunnel(proxy, host, port, callback) {
+    host = bare(host);
+    const target = (host.includes(':') ? '[' + host + ']' : host) + ':' + port;
+    const socket = net.connect({ host: proxy.host, port: proxy.port });
+    socket.setNoDelay(true);
+    let received = Buffer.alloc(0);
+    let finished = false;
+    function finish(error) {
+      if (finished) return;
+      finished = true;
+      socket.removeListener('data', onData);
+      socket.removeListener('error', finish);
+      socket.removeListener('end', onEnd);
+      if (error) {
+        socket.destroy();
+        callback(error);
+      } else {
+        callback(null, socket);
+      }
+    }
+    function onEnd() {
+      finish(new Error('the authsome proxy closed the connection during CONNECT ' + target));
+    }
+    function onData(chunk) {
+      received = Buffer.concat([received, chunk]);
+      const end = received.indexOf('\r\n\r\n');
+      if (end < 0) {
+        if (received.length > 65536) finish(new Error('oversized CONNECT response'));
+        return;
+      }
+      const status = received.subarray(0, received.indexOf('\r\n')).toString('latin1');
+      if (!/^HTTP\/1\.[01] 200/.test(status)) {
+        finish(new Error('the authsome proxy refused CONNECT ' + target + ': ' + status));
+      } else if (end + 4 < received.length) {
+        finish(new Error('unexpected bytes after the CONNECT response'));
+      } else {
+        finish(null);
+      }
+    }
+    socket.on('data', onData);
+    socket.once('error', finish);
+    socket.once('end', onEnd);
+    socket.once('connect', () => {
+      socket.write('CONNECT ' + target + ' HTTP/1.1\r\nHost: ' + target +
+                   '\r\nProxy-Authorization: ' + proxy.auth + '\r\n\r\n');
+    });
+  }
+
+  function proxyFor(protocol, host) {
+    const proxy = proxies[protocol];
+    return proxy && !bypass(host) ? proxy : null;
+  }
+
+  const httpsCreate = https.Agent.prototype.createConnection;
+  https.Agent.prototype.createConnection = function createConnection(options, callback) {
+    const host = options && (options.host || options.hostname);
+    const proxy = options && proxyFor('https:', host);
+    if (!proxy || typeof callback !== 'function' || options.socket || options.socketPath) {
+      return httpsCreate.apply(this, arguments);
+    }
+    tunnel(proxy, host, Number(options.port) || 443, (error, socket) => {
+      if (error) return callback(error);
+      let secure;
+      try {
+        secure = httpsCreate.call(this, Object.assign({}, options, { socket }));
+      } catch (failure) {
+        socket.destroy();
+        return callback(failure);
+      }
+      callback(null, secure);
+    });
+    return undefined;
+  };
+
+  const httpCreate = http.Agent.prototype.createConnection;
+  http.Agent.prototype.createConnection = function createConnection(options, callback) {
+    const host = options && (options.host || options.hostname);
+    const proxy = options && proxyFor('http:', host);
+    if (!proxy || typeof callback !== 'function' || options.socketPath) {
+      return httpCreate.apply(this, arguments);
+    }
+    tunnel(proxy, host, Number(options.port) || 80, callback);
+    return undefined;
+  };
+
+  // fetch: Node's bundled undici reads its dispatcher from this global symbol. Its Agent
+  // class is not exported, so it is taken from the default dispatcher, made on first use.
+  const dispatcherKey = Symbol.for('undici.globalDispatcher.1');
+  const originalFetch = globalThis.fetch;
+  if (typeof originalFetch !== 'function') return;
+
+  function connect(options, callback) {
+    const secure = options.protocol === 'https:';
+    const host = bare(options.hostname);
+    const port = Number(options.port) || (secure ? 443 : 80);
+    function start(error, socket) {
+      if (error) return callback(error);
+      if (!secure) return callback(null, socket);
+      const servername = options.servername || (net.isIP(host) ? undefined : host);
+      const secureSocket = tls.connect({ socket, host, servername, ALPNProtocols: ['http/1.1'] });
+      function onError(failure) {
+        callback(failure);
+      }
+      secureSocket.once('error', onError);
+      secureSocket.once('secureConnect', () => {
+        secureSocket.removeListener('error', onError);
+        callback(null, secureSocket);
+      });
+    }
+    const proxy = proxyFor(options.protocol, host);
+    if (proxy) return tunnel(proxy, host, port, start);
+    const socket = net.connect({ host, port });
+    function onConnectError(failure) {
+      callback(failure);
+    }
+    socket.once('error', onConnectError);
+    socket.once('connect', () => {
+      socket.removeListener('error', onConnectError);
+      start(null, socket);
+    });
+  }
+
+  let installed = false;
+  function install() {
+    installed = true;
+    if (globalThis[dispatcherKey] !== undefined) return;  // the program chose a dispatcher
+    try {
+      originalFetch().catch(() => {});  // loads undici, which makes its default Agent
+      const current = globalThis[dispatcherKey];
+      if (current && typeof current.constructor === 'function') {
+        globalThis[dispatcherKey] = new current.constructor({ connect });
+      }
+    } catch (error) {
+      // leave fetch as it was
+    }
+  }
+  globalThis.fetch = function fetch(input, init) {
+    if (!installed) install();
+    return originalFetch(input, init);
+  };
+  // Headers, Request, ... load the same undici module (making its default dispatcher), so
+  // their first use installs the proxy dispatcher too; a dispatcher found already in place
+  // on install was then set by the program itself and is left alone.
+  for (const name of ['FormData', 'Headers', 'Request', 'Response', 'MessageEvent',
+                      'WebSocket', 'EventSource']) {
+    const descriptor = Object.getOwnPropertyDescriptor(globalThis, name);
+    if (!descriptor || typeof descriptor.get !== 'function' || !descriptor.configurable) continue;
+    Object.defineProperty(globalThis, name, {
+      configurable: true,
+      enumerable: descriptor.enumerable,
+      get() {
+        if (!installed) install();
+        return descriptor.get.call(this);
+      },
+      set(value) {
+        Object.defineProperty(globalThis, name, { configurable: true, writable: true,
+                                                 enumerable: descriptor.enumerable, value });
+      },
+    });
+  }
+})();
+"""
+NODE_PRELOAD_FILE = "node-preload.js"
+
+
+def child_node_options(parent_value, preload_path):
+    """Return NODE_OPTIONS for the child: the inherited options (minus the preload of an outer
+    authsome run) followed by --require of this run's preload file."""
+    kept = re.sub(r'\s*--require\s+"[^"]*authsome-run-[^"]*%s"' % re.escape(NODE_PRELOAD_FILE), "",
+                  parent_value or "").strip()
+    quoted = '"%s"' % preload_path.replace("\\", "\\\\").replace('"', '\\"')
+    return ("%s --require %s" % (kept, quoted)).strip()
+
+
+def child_wgetrc(parent_env, bundle_path):
+    """Return a wget startup file naming the CA bundle: wget built with GnuTLS (Debian's)
+    ignores SSL_CERT_FILE. The user's own startup file comes first, so its settings stay."""
+    source = parent_env.get("WGETRC") or os.path.join(os.path.expanduser("~"), ".wgetrc")
+    try:
+        with open(source, "rb") as handle:
+            user = handle.read().rstrip(b"\n")
+    except OSError:
+        user = b""
+    line = b"ca_certificate = " + os.fsencode(bundle_path) + b"\n"
+    return (user + b"\n" + line) if user else line
+
+
 def run_with_proxy(command, home=None, connection_overrides=None, connect_to=(),
                    deny_unmatched=False, limits=None, out=None):
     """Run `command` behind a fresh proxy and return its exit code."""
@@ -4161,6 +4628,12 @@ def run_with_proxy(command, home=None, connection_overrides=None, connect_to=(),
         proxy.start()
         warn = lambda message: out.write("warning: %s\n" % message)
         env = child_environment(os.environ, proxy.url, bundle_path, run_ca_path, broker, warn)
+        preload_path = os.path.join(workdir, NODE_PRELOAD_FILE)
+        _write_private_file(preload_path, NODE_PRELOAD_JS.encode("utf-8"))
+        env["NODE_OPTIONS"] = child_node_options(os.environ.get("NODE_OPTIONS"), preload_path)
+        wgetrc_path = os.path.join(workdir, "wgetrc")
+        _write_private_file(wgetrc_path, child_wgetrc(os.environ, bundle_path))
+        env["WGETRC"] = wgetrc_path
         log.info("proxy on 127.0.0.1:%d; credentials for: %s", proxy.port,
                  ", ".join(sorted(broker.records)) or "none")
         try:
@@ -4338,7 +4811,8 @@ def remove_provider(ctx, provider_name):
 def revoke_remote(ctx, provider, record):
     """Revoke an OAuth token at the provider (RFC 7009); API keys have nothing to revoke.
 
-    Failures only warn: the caller removes the local record whatever the provider said."""
+    Failures only warn, because the caller removes the local record whatever the provider
+    responds."""
     warn = lambda message: ctx.err.write("warning: %s\n" % secret_filter.mask(message))
     return revoke_oauth_tokens(ctx.home, ctx.vault, provider, record, warn)
 
@@ -4500,18 +4974,21 @@ def doctor_checks(ctx):
 # -- doctor --clients ---------------------------------------------------------------------------
 # Each HTTP client found on this machine is run under `authsome run` against a local stand-in for
 # a throwaway provider, in a temporary home with a throwaway credential. The stand-in has its own
-# throwaway CA, trusted by the proxy only (SSL_CERT_FILE of the run), and is reached through
-# --connect-to, so nothing leaves 127.0.0.1. The host name ends in .invalid (RFC 6761): a client
-# that skips the proxy cannot resolve it and fails at once.
+# throwaway CA, which the run's proxy trusts through SSL_CERT_FILE, and the proxy reaches it
+# through --connect-to, so no request leaves 127.0.0.1.
+# NOTE: a client that ignores the proxy variables queries the system resolver for DOCTOR_HOST. The
+# name ends in .invalid, which RFC 6761 reserves as never resolving, so that client fails.
 
 DOCTOR_HOST = "authsome-doctor.invalid"
 DOCTOR_PROVIDER = "authsome-doctor"
 DOCTOR_VARIABLE = "AUTHSOME_DOCTOR_TOKEN"
 DOCTOR_CLIENT_TIMEOUT = 30.0
+DOCTOR_CLIENTS = ("curl", "urllib", "requests", "httpx", "node", "git", "wget")
 
-# Runs inside `authsome run`: points the proxy variables at a relay that notes the request line
-# of each connection and forwards every byte to the run's proxy, then runs the client. This tells
-# "went through the proxy" apart from "trusted the CA". argv: REPORT TIMEOUT COMMAND [ARG...]
+# Runs inside `authsome run`. It points the proxy variables at a relay that records the request
+# line of each connection and forwards every byte to the run's proxy, then runs the client. The
+# relay's record separates "went through the proxy" from "trusted the CA".
+# argv: REPORT TIMEOUT COMMAND [ARG...]
 DOCTOR_PROBE = r'''
 import json, os, socket, subprocess, sys, threading
 from urllib.parse import urlsplit
@@ -4547,7 +5024,7 @@ def relay(client):
         if not data:
             break
         head += data
-    # Only the method and target are kept; the lines after them carry the proxy token.
+    # Only the method and target are recorded, because the lines after them carry the proxy token.
     request_lines.append(" ".join(head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")[:2]))
     upstream = socket.create_connection((proxy.hostname, proxy.port), timeout=30)
     upstream.settimeout(None)
@@ -4594,8 +5071,8 @@ DOCTOR_PYTHON_CLIENTS = {
              "print(response.text)\n",
 }
 
-DOCTOR_NODE_CLIENT = ("if (typeof fetch !== 'function') { console.error('this Node has no fetch'); "
-                      "process.exit(1); }\n"
+DOCTOR_NODE_CLIENT = ("if (typeof fetch !== 'function') {"
+                      " console.error('this Node has no fetch'); process.exit(1); }\n"
                       "fetch(process.argv[1]).then(r => r.text()).then(t => console.log(t), e => {"
                       " console.error(String((e && e.cause) || e)); process.exit(1); });\n")
 
@@ -4609,10 +5086,13 @@ DOCTOR_FIXES = {
                     "call passes proxies=; drop them",
         "httpx": "httpx reads HTTPS_PROXY with trust_env=True (the default) and no explicit "
                  "proxy=; drop trust_env=False",
-        "node": "Node ignores HTTPS_PROXY before v24: upgrade to Node 24 or newer (authsome sets "
-                "NODE_USE_ENV_PROXY=1, which it reads), or make the agent send requests through a "
-                "proxy agent that reads HTTPS_PROXY (undici's EnvHttpProxyAgent)",
+        "node": "Node ignores HTTPS_PROXY before v24: keep the --require that 'authsome run' "
+                "adds to NODE_OPTIONS (it sends http, https and fetch through the proxy), or "
+                "upgrade to Node 24.5 or newer, which reads NODE_USE_ENV_PROXY=1; a fetch with its "
+                "own dispatcher still bypasses the proxy",
         "git": "git reads https_proxy; check that 'git config --get http.proxy' is empty",
+        "wget": "wget reads https_proxy; remove use_proxy = off from ~/.wgetrc and do not pass "
+                "--no-proxy",
     },
     "ca": {
         "curl": "curl reads CURL_CA_BUNDLE; remove cacert or capath settings from ~/.curlrc",
@@ -4626,6 +5106,8 @@ DOCTOR_FIXES = {
                 "launcher",
         "git": "git reads GIT_SSL_CAINFO; check 'git config --get http.sslCAInfo' and "
                "http.sslBackend",
+        "wget": "wget built with GnuTLS ignores SSL_CERT_FILE, so 'authsome run' names the CA "
+                "bundle in its own WGETRC; keep WGETRC from being replaced",
     },
     "credential": "the request reached the host without the credential; run 'authsome --verbose "
                   "run ...' to see why the proxy injected nothing",
@@ -4639,7 +5121,7 @@ def program_command():
 
 
 def client_version(name):
-    """Return a short version string of a client, or None when it cannot be told."""
+    """Return a short version string of a client, or None when it is unknown."""
     import subprocess
     if name == "urllib":
         return "Python %d.%d.%d" % sys.version_info[:3]
@@ -4653,9 +5135,11 @@ def client_version(name):
     except (OSError, subprocess.SubprocessError):
         return None
     words = done.stdout.strip().split()
-    if name in ("curl", "git") and len(words) >= 2:
-        return words[2] if name == "git" and len(words) >= 3 else words[1]
-    return words[0] if words else None
+    # The first lines read "curl 7.88.1 ...", "git version 2.39.5" and "GNU Wget 1.21.3 ...".
+    position = {"curl": 1, "git": 2, "wget": 2}.get(name, 0)
+    if len(words) > position:
+        return words[position]
+    return None
 
 
 def present_clients():
@@ -4663,7 +5147,7 @@ def present_clients():
     import importlib.util
     import shutil
     found = []
-    for name in ("curl", "urllib", "requests", "httpx", "node", "git"):
+    for name in DOCTOR_CLIENTS:
         if name == "urllib":
             found.append(name)
         elif name in ("requests", "httpx"):
@@ -4674,6 +5158,22 @@ def present_clients():
     return found
 
 
+def select_clients(text):
+    """Return the clients named in `text` (comma-separated, or "all" for every present one)."""
+    present = present_clients()
+    if text == "all":
+        return present
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in DOCTOR_CLIENTS]
+    if unknown or not names:
+        raise UsageError("invalid --clients %r: choose from %s" % (text, ",".join(DOCTOR_CLIENTS)))
+    missing = [name for name in names if name not in present]
+    if missing:
+        raise UsageError("client not found on this machine: %s; present: %s"
+                         % (", ".join(missing), ", ".join(present)))
+    return names
+
+
 def client_command(name, workdir, url):
     if name == "curl":
         return ["curl", "-sS", "--fail", "--max-time", "20", url]
@@ -4681,6 +5181,8 @@ def client_command(name, workdir, url):
         return ["node", "-e", DOCTOR_NODE_CLIENT, url]
     if name == "git":
         return ["git", "ls-remote", url + "/repo.git"]
+    if name == "wget":
+        return ["wget", "--no-verbose", "-O", "-", "--timeout=20", "--tries=1", url]
     script = os.path.join(workdir, "client_%s.py" % name)
     _write_private_file(script, DOCTOR_PYTHON_CLIENTS[name].encode())
     return [sys.executable, script, url]
@@ -4720,12 +5222,13 @@ class DoctorOrigin:
                 try:
                     request.settimeout(30)
                     tls = context.wrap_socket(request, server_side=True)
-                except (OSError, ssl.SSLError):
-                    return  # the proxy hung up, e.g. because its client refused the run CA
+                except (OSError, ssl.SSLError) as exc:
+                    log.debug("doctor stand-in: TLS handshake with the proxy failed: %s", exc)
+                    return
                 try:
                     Handler(tls, client_address, self)
-                except (OSError, ssl.SSLError):
-                    pass
+                except (OSError, ssl.SSLError) as exc:
+                    log.debug("doctor stand-in: connection from the proxy failed: %s", exc)
                 finally:
                     with contextlib.suppress(OSError):
                         tls.close()
@@ -4783,7 +5286,8 @@ def probe_client(name, workdir, env, program, port, timeout=DOCTOR_CLIENT_TIMEOU
         done = subprocess.run(command, env=env, capture_output=True, text=True,
                               timeout=timeout + 30, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        return {"requests": [], "returncode": None, "stdout": "", "stderr": "authsome run timed out"}
+        return {"requests": [], "returncode": None, "stdout": "",
+                "stderr": "authsome run timed out"}
     try:
         with open(report_path, encoding="utf-8") as handle:
             return json.load(handle)
@@ -4805,8 +5309,12 @@ def judge_client(name, version, report, received):
         fix = DOCTOR_FIXES["ca"][name]
     elif not credential:
         fix = DOCTOR_FIXES["credential"]
-    lines = [line for line in (report.get("stderr") or "").splitlines() if line.strip()]
-    detail = secret_filter.mask(lines[-1].strip())[:300] if lines and not ok else ""
+    lines = [line.strip() for line in (report.get("stderr") or "").splitlines() if line.strip()]
+    detail = ""
+    if lines and not ok:
+        # A Python traceback ends with the exception; the other clients print theirs first.
+        line = lines[-1] if name in DOCTOR_PYTHON_CLIENTS else lines[0]
+        detail = secret_filter.mask(line)[:300]
     return {"client": name, "version": version, "through_proxy": through_proxy,
             "trusted_ca": trusted, "credential": credential, "ok": ok, "fix": fix,
             "detail": detail}
@@ -4846,7 +5354,8 @@ def build_parser():
     import argparse
 
     class Parser(argparse.ArgumentParser):
-        """Reports usage errors as one `error:` line (exit code 2) instead of a usage block."""
+        """An argument parser that reports usage errors as one `error:` line (exit code 2)
+        instead of a usage block."""
 
         def error(self, message):
             raise UsageError("%s; see: %s --help" % (message, self.prog))
@@ -4950,11 +5459,11 @@ def build_parser():
 
     sub = command("doctor", "Check the home folder, the vault and the provider definitions.",
                   "authsome doctor --clients")
-    sub.add_argument("--clients", action="store_true",
-                     help="also run each HTTP client found here (curl, Python urllib, requests, "
-                          "httpx, node, git) under 'authsome run' against a local stand-in, and "
-                          "report whether it used the proxy, trusted the CA and got the "
-                          "credential")
+    sub.add_argument("--clients", nargs="?", const="all", metavar="NAMES",
+                     help="also run each HTTP client found here (curl, urllib, requests, httpx, "
+                          "node, git, wget; or only the comma-separated NAMES) under 'authsome "
+                          "run' against a local stand-in, and report whether it used the proxy, "
+                          "trusted the CA and got the credential")
 
     sub = command("run", "Run a command behind the credential-injecting proxy.",
                   "authsome run -- python3 my_agent.py")
@@ -5025,7 +5534,7 @@ STATUS_COLORS = {STATUS_CONNECTED: "green", STATUS_EXPIRED: "yellow", STATUS_INV
                  STATUS_NOT_CONNECTED: "dim"}
 
 
-def color_wanted(args, stream):
+def color_enabled(args, stream):
     """Colour only on a terminal, and never with --no-color or a non-empty NO_COLOR."""
     if getattr(args, "no_color", False) or os.environ.get("NO_COLOR"):
         return False
@@ -5125,7 +5634,9 @@ def format_audit_entry(entry):
 
 
 def yes_no(value):
-    return "not tested" if value is None else ("yes" if value else "no")
+    if value is None:
+        return "not tested"
+    return "yes" if value else "no"
 
 
 def print_doctor(report, out, color=False):
@@ -5143,7 +5654,7 @@ def print_doctor(report, out, color=False):
                   "credential: %s\n" % (mark, name, yes_no(client["through_proxy"]),
                                         yes_no(client["trusted_ca"]), yes_no(client["credential"])))
         if client.get("detail"):
-            out.write("        said: %s\n" % client["detail"])
+            out.write("        output: %s\n" % client["detail"])
         if client.get("fix"):
             out.write("        fix: %s\n" % client["fix"])
 
@@ -5162,7 +5673,7 @@ def export_command(ctx, args):
 def doctor_command(ctx, args):
     report = {"checks": doctor_checks(ctx)}
     if args.clients:
-        report["clients"] = check_clients()
+        report["clients"] = check_clients(select_clients(args.clients))
     report["ok"] = all(item["ok"] for item in report["checks"] + report.get("clients", []))
     return report
 
@@ -5204,8 +5715,8 @@ def dispatch(ctx, args, out):
             raise UsageError("-n must be 0 or more, got %d" % args.n)
         return read_audit_log(ctx.home, args.n), EXIT_OK
     if name == "init":
-        wanted = read_new_passphrase("AUTHSOME_PASSPHRASE") if args.passphrase else None
-        return init_vault(ctx, wanted), EXIT_OK
+        passphrase = read_new_passphrase("AUTHSOME_PASSPHRASE") if args.passphrase else None
+        return init_vault(ctx, passphrase), EXIT_OK
     if name == "passphrase":
         new = None if args.remove else read_new_passphrase()
         return change_passphrase(ctx, new, args.remove), EXIT_OK
@@ -5225,8 +5736,8 @@ def configure_logging(verbose):
 
 
 def wants_json(argv):
-    """Whether --json is among the options (not in a command after `--`), for usage errors
-    that stop before the arguments are parsed."""
+    """Return whether --json is among the options (not in a command after `--`), for usage
+    errors that stop before the arguments are parsed."""
     options = argv[:argv.index("--")] if "--" in argv else argv
     return "--json" in options
 
@@ -5272,7 +5783,7 @@ def main(argv=None):
             text = format_export(result, args.format)
             out.write(text + "\n" if text else "")
         else:
-            print_human(args.command, result, out, color_wanted(args, out))
+            print_human(args.command, result, out, color_enabled(args, out))
         out.flush()
         return code
     except AuthsomeError as exc:
@@ -5298,7 +5809,8 @@ def report_error(exc, as_json):
 
 
 def report_unexpected(exc, verbose):
-    """A bug, not a user error: one line by default, the traceback (masked) with --verbose."""
+    """Report a bug (not a user error): one line by default, the masked traceback with
+    --verbose."""
     if verbose:
         import traceback
         sys.stderr.write(secret_filter.mask(traceback.format_exc()))

@@ -8,10 +8,10 @@ Four ways in:
 - the hidden ``getpass`` prompt, on a real pseudo-terminal made with ``pty``;
 - no terminal at all, which must fail cleanly.
 
-Every login runs ``authsome.py`` as a child process. ``DISPLAY=:0`` selects the form and
-``BROWSER=true`` makes the child's attempt to open a browser a no-op; the test reads the
+Every login runs ``authsome.py`` as a child process. ``DISPLAY=:0`` selects the form, and
+``BROWSER=true`` turns the child's attempt to open a browser into a no-op. The test reads the
 one-time URL from the child's stderr. Nothing here talks to any address but 127.0.0.1, and
-Chromium runs with a host resolver rule that resolves no name at all.
+Chromium runs with a host resolver rule that resolves no host name at all.
 """
 
 import errno
@@ -23,14 +23,12 @@ import os
 import pty
 import re
 import select
-import shutil
 import socket
 import subprocess
 import sys
 import termios
 import threading
 import time
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlencode, urlsplit
 
@@ -49,7 +47,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
 # A user-defined provider for the browser tests. It has a key pattern and, unlike the bundled
-# entries, no docs_url, so the page Chromium renders holds no link to any real host.
+# entries, no docs_url, so the page Chromium renders contains no link to any real host.
 FORMTEST = {
     "name": "formtest",
     "display_name": "Form Test",
@@ -59,7 +57,7 @@ FORMTEST = {
         "header_name": "Authorization",
         "header_prefix": "Bearer",
         "key_pattern": "^ft-[a-z0-9]{16,}$",
-        "key_pattern_hint": "Form Test keys start with ft- followed by 16 or more lowercase letters or digits.",
+        "key_pattern_hint": "Form Test keys start with ft- and 16 or more lowercase letters or digits.",
     },
 }
 FORMTEST_KEY = "ft-0123456789abcdefghij"
@@ -100,6 +98,7 @@ def stored_key(home, provider: str, connection: Optional[str] = None) -> str:
         args += ["--connection", connection]
     result = run_cli(args, home.env)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.strip(), "get printed no key; stderr: %r" % result.stderr
     return result.stdout.strip()
 
 
@@ -114,7 +113,10 @@ def add_formtest_provider(home) -> None:
 
 
 class LoginProcess:
-    """``authsome.py login PROVIDER`` on the form path, with its output collected by threads."""
+    """A child process running ``authsome.py login PROVIDER`` on the form path.
+
+    Threads collect its stdout and stderr.
+    """
 
     def __init__(self, home, provider: str, *extra: str, env: Optional[Dict[str, str]] = None):
         child_env = dict(home.env, DISPLAY=":0", BROWSER="true")
@@ -181,7 +183,10 @@ class LoginProcess:
 
 @pytest.fixture
 def login_form(home):
-    """Factory: ``login_form(provider, *extra, env=None)`` starts a login and waits for its URL."""
+    """Return a factory that starts a login and waits for its URL.
+
+    Call it as ``login_form(provider, *extra, env=None)``. Teardown kills what is still running.
+    """
     started: List[LoginProcess] = []
 
     def start(provider: str, *extra: str, env: Optional[Dict[str, str]] = None) -> LoginProcess:
@@ -197,7 +202,7 @@ def login_form(home):
 
 def http_request(port: int, method: str, target: str, fields: Optional[Dict[str, str]] = None,
                  host: Optional[str] = None) -> Tuple[int, http.client.HTTPMessage, str]:
-    """Send one request to the form server; ``host`` replaces the Host header."""
+    """Send one request to the form server. A ``host`` replaces the default Host header."""
     body = urlencode(fields).encode() if fields is not None else None
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
@@ -215,12 +220,12 @@ def http_request(port: int, method: str, target: str, fields: Optional[Dict[str,
 
 
 def page_text(page: str) -> str:
-    """The page's text with tags removed and entities decoded."""
+    """Return the page's text with tags removed and entities decoded."""
     return html.unescape(re.sub(r"<[^>]+>", " ", page))
 
 
 def assert_no_external_resource(page: str) -> None:
-    """Only plain links may name another site; nothing the page loads or posts to may."""
+    """Check that only plain links name another site, and nothing the page loads or posts to does."""
     assert not re.search(r"<(script|link|img|iframe|object|embed|video|audio|source|base)\b", page, re.I)
     assert not re.search(r"\bsrcset\s*=|\bsrc\s*=|url\s*\(|@import", page, re.I)
     for action in re.findall(r"\baction\s*=\s*\"([^\"]*)\"", page, re.I):
@@ -269,7 +274,8 @@ def test_form_post_token(home, login_form):
     login = login_form("g2", "--port", str(free_port()))
     status, _, page = http_request(login.port, "POST", "/submit", {"key": G2_KEY})
     assert status == 403
-    status, _, _ = http_request(login.port, "POST", "/submit", {"token": "x" + login.token[1:], "key": G2_KEY})
+    wrong_token = ("A" if login.token[0] != "A" else "B") + login.token[1:]
+    status, _, _ = http_request(login.port, "POST", "/submit", {"token": wrong_token, "key": G2_KEY})
     assert status == 403
     assert G2_KEY not in page
     assert status_of(home, "g2") == "not_connected"
@@ -321,7 +327,8 @@ def test_form_host(home, login_form):
         status, _, page = http_request(login.port, "GET", "/?token=" + login.token, host=host)
         assert 400 <= status < 500, host
         assert login.token not in page, host
-        status, _, _ = http_request(login.port, "POST", "/submit", {"token": login.token, "key": G2_KEY}, host=host)
+        fields = {"token": login.token, "key": G2_KEY}
+        status, _, _ = http_request(login.port, "POST", "/submit", fields, host=host)
         assert 400 <= status < 500, host
     assert status_of(home, "g2") == "not_connected"
     assert login.proc.poll() is None
@@ -336,16 +343,35 @@ def test_form_host(home, login_form):
     assert_no_secret(G2_KEY, login.stdout, login.stderr)
 
 
+def test_form_vault_error(home, login_form):
+    # The vault breaks while the form is open. The page shows the error, and the login exits
+    # with the vault's exit code and a one-line error instead of a traceback and a silent wait.
+    assert login_stdin(home, "openai", OPENAI_KEY).returncode == 0
+    login = login_form("g2", "--port", str(free_port()))
+    (home.path / "vault.bin").write_bytes(b"not a vault\n")
+    status, _, page = http_request(login.port, "POST", "/submit", {"token": login.token, "key": G2_KEY})
+    assert status == 500
+    assert "damaged" in page_text(page)
+    assert login.finish() == 7
+    lines = login.stderr.splitlines()
+    assert lines[-1].startswith("error: "), login.stderr
+    assert "damaged" in lines[-1], login.stderr
+    assert "Traceback" not in login.stderr
+    assert_no_secret(G2_KEY, login.stdout, login.stderr, page)
+    assert port_closed(login.port)
+
+
 def test_form_busy_port(home, login_form):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
-        taken = busy.getsockname()[1]
-        login = login_form("g2", "--port", str(taken))
-        assert login.port != taken
+        busy_port = busy.getsockname()[1]
+        login = login_form("g2", "--port", str(busy_port))
+        assert login.port != busy_port
         notice = [line for line in login.stderr.splitlines() if "busy" in line]
         assert notice, login.stderr
-        assert str(taken) in notice[0] and str(login.port) in notice[0]
+        assert str(busy_port) in notice[0]
+        assert str(login.port) in notice[0]
         status, _, _ = http_request(login.port, "GET", "/?token=" + login.token)
         assert status == 200
 
@@ -427,14 +453,15 @@ def test_no_terminal(home):
     assert result.returncode == 4
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and "--stdin" in lines[0]
+    assert lines[0].startswith("error: ")
+    assert "--stdin" in lines[0]
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
     assert status_of(home, "g2") == "not_connected"
 
 
 def read_terminal(master: int, until: Optional[bytes], timeout: float = 20.0) -> bytes:
-    """Read the terminal's output until ``until`` shows up, or to the end when it is None."""
+    """Read the terminal's output until ``until`` appears, or to the end when ``until`` is None."""
     data = b""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -446,7 +473,7 @@ def read_terminal(master: int, until: Optional[bytes], timeout: float = 20.0) ->
         try:
             chunk = os.read(master, 4096)
         except OSError as exc:
-            if exc.errno != errno.EIO:  # EIO: every slave descriptor is closed
+            if exc.errno != errno.EIO:  # EIO means every slave descriptor is closed
                 raise
             chunk = b""
         if not chunk:
@@ -478,17 +505,17 @@ def test_prompt_pty(home):
     finally:
         os.close(slave)
     try:
-        shown = read_terminal(master, b"(input hidden): ")
+        terminal_output = read_terminal(master, b"(input hidden): ")
         os.write(master, G2_KEY.encode() + b"\r")
-        shown += read_terminal(master, None)
-        assert proc.wait(20) == 0, shown
+        terminal_output += read_terminal(master, None)
+        assert proc.wait(20) == 0, terminal_output
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         os.close(master)
-    assert_no_secret(G2_KEY, shown)
-    assert b"Logged in to G2" in shown
+    assert_no_secret(G2_KEY, terminal_output)
+    assert b"Logged in to G2" in terminal_output
     assert stored_key(home, "g2") == G2_KEY
 
 
@@ -517,7 +544,8 @@ def chrome(tmp_path_factory):
         "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run",
         "--user-data-dir=%s" % tmp_path_factory.mktemp("chromium-profile"),
-        # Resolve no name at all: the only address the browser can reach is 127.0.0.1.
+        # Make every host name lookup fail with "not found" instead of resolving it. The rule does not
+        # cover IP literals, which assert_local_only checks in the request log.
         "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
     ):
         options.add_argument(argument)
@@ -540,7 +568,7 @@ def network_urls(driver) -> List[Tuple[str, str]]:
 
 
 def assert_local_only(requests: Sequence[Tuple[str, str]], port: int) -> None:
-    """Every request from the form's pages went to the form server, and nothing left 127.0.0.1."""
+    """Check that the form's pages requested only the form server, and no request left 127.0.0.1."""
     origin = "http://127.0.0.1:%d/" % port
     own = [url for url, document in requests if document.startswith(origin)]
     assert own, requests
@@ -552,24 +580,31 @@ def assert_local_only(requests: Sequence[Tuple[str, str]], port: int) -> None:
             assert parts.hostname == "127.0.0.1", url
 
 
-def page_has(driver, text: str, timeout: float = 15.0) -> None:
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.common.by import By
+def wait_until(driver, script: str, timeout: float = 15.0):
+    """Wait until ``script`` returns a true value.
+
+    Errors raised while a page is being replaced (stale or detached nodes, a closed script
+    context) count as "not yet".
+    """
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(
-        lambda d: text in d.find_element(By.TAG_NAME, "body").text)
+    return WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script(script), "timed out waiting for: " + script)
+
+
+def page_has(driver, text: str, timeout: float = 15.0) -> None:
+    wait_until(driver, "return document.readyState === 'complete' && document.body !== null"
+                       " && document.body.innerText.includes(%s)" % json.dumps(text), timeout)
 
 
 def submit(driver) -> None:
-    """Click the form's button and wait until the browser has left the page."""
+    """Click the form's button and wait until the next page has loaded."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    old_page = driver.find_element(By.TAG_NAME, "html")
+    driver.execute_script("window.authsomeOldPage = true")
     driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
-    WebDriverWait(driver, 15).until(expected_conditions.staleness_of(old_page))
+    wait_until(driver, "return window.authsomeOldPage !== true && document.readyState === 'complete'")
 
 
 def fill_form(driver, url: str, key: str) -> None:
