@@ -368,3 +368,22 @@ def test_audit_log_records_injection(home, test_ca, origin):
     assert injected[-1]["host"] == "api.g2.com"
     assert "GET api.g2.com:443 /v1/audit 200 injected g2/default" in result.stderr
     assert_no_secret_in_tree(home.path, G2_KEY)
+
+
+def test_connect_to_from_environment(home, test_ca, origin):
+    login_g2(home)
+    g2 = origin(["api.g2.com"], handler=quiet_handler)
+    env = run_env(home, test_ca, AUTHSOME_CONNECT_TO="unused.test:443=127.0.0.1:9,%s"
+                  % g2.connect_to())
+
+    result = authsome_run(env, [], ["curl", "-sS", "--max-time", "20", "https://api.g2.com/env"])
+
+    assert result.returncode == 0, result.stderr
+    assert authorization_values(g2.wait_for_requests(1)[0]) == ["Token " + G2_KEY]
+
+
+def test_connect_to_rejects_malformed_entry(home):
+    result = run_cli(["run", "--connect-to", "api.g2.com:443", "--", "true"], home.env)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: invalid --connect-to 'api.g2.com:443': expected "
+                                     "HOST:PORT=HOST2:PORT2")
