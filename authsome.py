@@ -3353,21 +3353,23 @@ LINGER_BYTES = 4 * 1024 * 1024
 def close_gracefully(sock, linger=LINGER_SECONDS):
     """Close a client connection so that the last response reaches the client intact.
 
-    A TLS connection first gets a close_notify (OpenSSL 3 clients report a close without one as
-    a truncation), then the write side is shut, then bytes the client still sends are read and
-    dropped for at most `linger` seconds. Closing with unread request bytes (an unsent body
-    after an early answer, a pipelined request after an error) would make the kernel answer
-    with a reset, which can destroy the response before the client reads it.
+    A TLS connection first gets a close_notify, because OpenSSL 3 reports an EOF without one as
+    an error unless the client opts out. Then the write side is shut, and bytes the client
+    still sends are read and dropped for at most `linger` seconds. Closing with unread request
+    bytes (an unsent body after an early response, a pipelined request after an error) makes
+    the kernel send a reset, which can destroy the response before the client reads it.
     """
     try:
         if sock.fileno() < 0:
             return
+        deadline = time.monotonic() + linger
         if isinstance(sock, ssl.SSLSocket):
-            sock.setblocking(False)  # send the close_notify; do not wait for the client's
+            # Send the close_notify (waiting for room if the client reads slowly), then wait
+            # within the linger for the client's own close_notify or EOF.
+            sock.settimeout(linger)
             with contextlib.suppress(ssl.SSLError, OSError, ValueError):
                 sock.unwrap()
         sock.shutdown(socket.SHUT_WR)  # on an SSLSocket this drops to the raw socket
-        deadline = time.monotonic() + linger
         drained = 0
         while drained < LINGER_BYTES:
             remaining = deadline - time.monotonic()
@@ -3696,7 +3698,7 @@ class ClientSession:
         except ProtocolError as exc:
             return self._send_error(exc.status, exc.reason)
         except socket.timeout:
-            # A connection opened ahead of use and never used is closed without an answer.
+            # A connection opened ahead of use and never used is closed without a response.
             if self.reader.buffer:
                 self._send_error(408, "timed out waiting for the request head")
             return None
@@ -3859,11 +3861,11 @@ class _RelayEnd:
 def relay_streams(first, second, from_first=b"", from_second=b""):
     """Copy bytes both ways between two sockets, plain or TLS, until the exchange is over.
 
-    One thread owns both sockets and never blocks on either, so no OpenSSL object is used by
-    two threads at once, and two peers that both write before they read cannot deadlock the
-    relay. `from_first` and `from_second` are bytes already read from each side. When one side
-    finishes, a plain peer gets a half-close (SHUT_WR) and the other direction goes on; a TLS
-    peer cannot be half-closed, so the relay ends once what was read has been written.
+    One thread drives both sockets in non-blocking mode, so no OpenSSL object is used by two
+    threads at once, and a blocked send in one direction never stops the other direction.
+    `from_first` and `from_second` are bytes already read from each side. When one side
+    finishes, a plain peer gets a half-close (SHUT_WR) and the other direction goes on. A TLS
+    peer cannot be half-closed, so the relay then ends once what was read has been written.
     """
     import selectors
     ends = [_RelayEnd(first), _RelayEnd(second)]
@@ -3979,8 +3981,8 @@ class Exchange:
         path = normalize_request_path(head.target)
         injected = self._inject(head) if self.intercepted else (None, "plain http")
         head.remove(*HOP_BY_HOP_PROXY_HEADERS)
-        # A kept-alive upstream connection can be closed by the origin just as a request goes
-        # out on it; a request without a body that is safe to repeat then gets a new connection.
+        # The origin can close a kept-alive upstream connection just as a request goes out on
+        # it. A bodyless request with an idempotent method is then sent again on a new one.
         replayable = framing == ("length", 0) and head.method in IDEMPOTENT_METHODS
         attempts = 2
         while True:
@@ -4101,10 +4103,9 @@ class Exchange:
             relay_body(self.reader, upstream.sock, framing)
             response = self._read_final_response(upstream)
         elif response.status >= 200:
-            # The origin answered without the body. The client may still send it, so neither
-            # this client connection nor the upstream one can carry another request; the
-            # response says so, and the client connection is closed with a linger (see
-            # close_gracefully) so the body bytes in flight do not reset it.
+            # The origin sent a final response before the body. The client may still send the
+            # body, so neither connection can carry another request: the response gets
+            # "Connection: close", and close_gracefully drains the body bytes in flight.
             early = True
         return self._relay_response(head, response, upstream, client_closes, early)
 
@@ -4166,7 +4167,7 @@ class Exchange:
 
     @staticmethod
     def _set_connection_headers(head, response, framing, decode, keep_alive):
-        """Make the response's framing and Connection headers say what the proxy will do."""
+        """Set the response's framing and Connection headers to match what the proxy does next."""
         if framing[0] == "chunked":
             response.remove("Content-Length")  # Transfer-Encoding wins (RFC 9112 section 6.3)
         if decode:
@@ -4256,7 +4257,8 @@ def representative_host(route):
 
 
 def no_proxy_entry_covers(entry, host):
-    """Whether a NO_PROXY entry (name, .suffix, *.suffix, IP, [IPv6]:port, CIDR) covers host."""
+    """Return whether a NO_PROXY entry (name, .suffix, *.suffix, IP, [IPv6]:port, CIDR) covers
+    host."""
     entry = entry.strip().lower()
     if entry == "*":
         return True
@@ -4340,38 +4342,48 @@ def run_child(command, env):
     """Start `command` with `env`, forward signals to it, and return its exit code."""
     import signal
     import subprocess
-    try:
-        child = subprocess.Popen(command, env=env)
-    except FileNotFoundError:
-        raise AuthsomeError("command not found: %s" % command[0], code=127) from None
-    except PermissionError:
-        raise AuthsomeError("command is not executable: %s" % command[0], code=126) from None
+    children, pending = [], []
 
     def forward(signum, frame):
         # NOTE: a signal sent with kill to a foreground authsome in a terminal is not forwarded
         # for INT and QUIT, because the terminal already delivered it to the child's group.
-        if not signal_came_from_terminal(signum):
-            with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signum)
+        if signal_came_from_terminal(signum):
+            return
+        if not children:
+            pending.append(signum)  # arrived before the child existed; delivered after spawn
+            return
+        with contextlib.suppress(ProcessLookupError):
+            children[0].send_signal(signum)
 
+    # Handlers go in before the child starts, so an early signal cannot kill authsome with
+    # the default action and orphan the child.
     previous = {}
     for name in FORWARDED_SIGNALS:
         signum = getattr(signal, name, None)
         if signum is not None:
             previous[signum] = signal.signal(signum, forward)
     try:
-        return exit_code_of(child.wait())
+        try:
+            children.append(subprocess.Popen(command, env=env))
+        except FileNotFoundError:
+            raise AuthsomeError("command not found: %s" % command[0], code=127) from None
+        except PermissionError:
+            raise AuthsomeError("command is not executable: %s" % command[0], code=126) from None
+        for signum in pending:
+            with contextlib.suppress(ProcessLookupError):
+                children[0].send_signal(signum)
+        return exit_code_of(children[0].wait())
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
-# Node.js before 22.21 / 24.5 ignores HTTP(S)_PROXY and NODE_USE_ENV_PROXY. This CommonJS file,
-# loaded with NODE_OPTIONS=--require, sends the http and https modules (every Agent) and
-# the built-in fetch through the proxy with CONNECT tunnels, honouring NO_PROXY. Not covered:
-# a request made with its own createConnection (the `ws` package does this), a fetch given its
-# own dispatcher, and raw net/tls sockets. Newer Node.js (which knows --use-env-proxy) does
-# this natively, so the file then does nothing.
+# Node.js 20 ignores HTTP(S)_PROXY and NODE_USE_ENV_PROXY. This CommonJS file, loaded with
+# NODE_OPTIONS=--require, sends the http and https modules (every Agent) and the built-in fetch
+# through the proxy with CONNECT tunnels, honouring NO_PROXY. Not covered: a request made with
+# its own createConnection (the `ws` package does this), a fetch given its own dispatcher, and
+# raw net/tls sockets. A Node.js that accepts --use-env-proxy handles the proxy variables
+# itself, so the file then does nothing.
 NODE_PRELOAD_JS = r"""'use strict';
 // Written by authsome run: routes Node's http, https and fetch through the run's proxy.
 (function authsomeProxyPreload() {
@@ -4447,7 +4459,7 @@ NODE_PRELOAD_JS = r"""'use strict';
       }
       const status = received.subarray(0, received.indexOf('\r\n')).toString('latin1');
       if (!/^HTTP\/1\.[01] 200/.test(status)) {
-        finish(new Error('the authsome proxy refused CONNECT ' + target + ': ' + status));
+        finish(new Error('the authsome proxy rejected CONNECT ' + target + ': ' + status));
       } else if (end + 4 < received.length) {
         finish(new Error('unexpected bytes after the CONNECT response'));
       } else {
