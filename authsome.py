@@ -677,8 +677,8 @@ def normalize_host(host):
 
 
 class Route:
-    """Where a provider's credential may go: an exact host (and port, and path prefix) or a
-    `regex:` full-matched against the host name."""
+    """A destination for a provider's credential: an exact host (with port and path prefix) or
+    a `regex:` pattern full-matched against the host name."""
 
     def __init__(self, provider, host=None, port=443, path_prefix="", pattern=None):
         self.provider = provider
@@ -2990,7 +2990,7 @@ class CertificateAuthority:
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_CHUNK_LINE = 4096
-COPY_BUFFER_SIZE = 64 * 1024  # per reader; a TLS record holds at most 16 KiB anyway
+COPY_BUFFER_SIZE = 64 * 1024  # per reader, because a TLS record carries at most 16 KiB
 TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 TARGET_RE = re.compile(rb"^[\x21-\x7e]+$")
 FIELD_VALUE_BAD_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -3032,7 +3032,7 @@ class Head:
         self.headers = [pair for pair in self.headers if pair[0].lower() not in lowered]
 
     def has_token(self, name, token):
-        """Whether a comma-separated header such as Connection lists `token`."""
+        """Return whether a comma-separated header such as Connection lists `token`."""
         token = token.lower()
         return any(part.strip().lower() == token
                    for value in self.get_all(name) for part in value.split(","))
@@ -3429,13 +3429,13 @@ def format_authority(host, port):
 
 
 def usable_record(record):
-    """A record the proxy can inject: connected, or expired with a refresh token."""
+    """Return whether the proxy can inject `record`: connected, or expired with a refresh token."""
     status = record_status(record)
     return status == STATUS_CONNECTED or (status == STATUS_EXPIRED and record.get("refresh_token"))
 
 
 class Broker:
-    """Which credential goes to which host and path during one run.
+    """The map from host and path to credential for one run.
 
     The route table is rebuilt when the vault file changes, so logins made during a run take
     effect on the next CONNECT.
@@ -3552,7 +3552,7 @@ class Upstream:
         self.reader = SocketReader(raw, proxy.limits.upstream_timeout)
 
     def is_stale(self):
-        """An idle kept-alive connection that became readable was closed by the origin."""
+        """Return whether the origin closed this idle kept-alive connection (it became readable)."""
         if self.reader.buffer:
             return True
         import select
@@ -4328,7 +4328,7 @@ def exit_code_of(returncode):
 
 
 def signal_came_from_terminal(signum):
-    """Whether a terminal keyboard signal also reached the child (same foreground group)."""
+    """Return whether a terminal keyboard signal also reached the child (same foreground group)."""
     import signal
     if signum not in (signal.SIGINT, signal.SIGQUIT):
         return False
@@ -4703,7 +4703,7 @@ def token_refresher(home, vault):
 
 
 class Context:
-    """What every command needs: the home, the catalog and the vault, opened lazily."""
+    """The state every command uses: the home, the catalog and the vault, opened lazily."""
 
     def __init__(self, home=None, err=None):
         self.home = home or home_dir()
