@@ -131,9 +131,17 @@ def now():
     return time.time()
 
 
+_iso_time_cache = (None, "")
+
+
 def iso_time(timestamp=None):
-    moment = time.gmtime(now() if timestamp is None else timestamp)
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", moment)
+    global _iso_time_cache
+    second = int(now() if timestamp is None else timestamp)
+    cached_second, text = _iso_time_cache
+    if second != cached_second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+        _iso_time_cache = (second, text)  # the proxy logs many entries per second
+    return text
 
 
 def home_dir():
@@ -4091,7 +4099,15 @@ class Exchange:
         client_closes = head.has_token("Connection", "close") or (
             head.version == "HTTP/1.0" and not head.has_token("Connection", "keep-alive"))
         expects_continue = head.has_token("Expect", "100-continue") and framing != ("length", 0)
-        upstream.sock.sendall(head.serialize())
+        head_bytes = head.serialize()
+        buffered = self.reader.buffer
+        if not expects_continue and framing[0] == "length" and 0 < framing[1] <= len(buffered):
+            # A small body that arrived with the head goes out in the same TLS record.
+            upstream.sock.sendall(head_bytes + buffered[:framing[1]])
+            self.reader.buffer = buffered[framing[1]:]
+            framing = ("length", 0)
+        else:
+            upstream.sock.sendall(head_bytes)
         response = None
         early = False
         if expects_continue:
@@ -4154,11 +4170,18 @@ class Exchange:
         keep_alive = not (client_closes or early or decode or framing[0] == "close")
         self._set_connection_headers(head, response, framing, decode, keep_alive)
         self._response_started = True
-        self.client.sendall(response.serialize())
-        if decode:
-            relay_chunked(upstream.reader, self.client, decode=True)
+        head_bytes = response.serialize()
+        buffered = upstream.reader.buffer
+        if framing[0] == "length" and 0 < framing[1] <= len(buffered):
+            # A small body that arrived with the head goes out in the same TLS record.
+            self.client.sendall(head_bytes + buffered[:framing[1]])
+            upstream.reader.buffer = buffered[framing[1]:]
         else:
-            relay_body(upstream.reader, self.client, framing)
+            self.client.sendall(head_bytes)
+            if decode:
+                relay_chunked(upstream.reader, self.client, decode=True)
+            else:
+                relay_body(upstream.reader, self.client, framing)
         origin_closes = early or framing[0] == "close" or response.has_token("Connection", "close") or (
             response.version == "HTTP/1.0" and not response.has_token("Connection", "keep-alive"))
         if origin_closes:
