@@ -1469,20 +1469,26 @@ class KeyFormServer:
                                           "<code>authsome login</code>.</p>"))
 
             def _send(self, status, page):
-                self.send_response(status)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(page)))
-                self.send_header("Content-Security-Policy", FORM_CSP)
-                self.send_header("Cache-Control", "no-store")
-                self.send_header("Referrer-Policy", "no-referrer")
-                self.send_header("X-Content-Type-Options", "nosniff")
-                self.send_header("X-Frame-Options", "DENY")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(page)
-                self.close_connection = True
+                send_local_page(self, status, page)
 
         return Handler
+
+
+def send_local_page(handler, status, page):
+    """Send an HTML page from a loopback login server with headers that keep it offline and
+    out of caches and frames; the connection closes after it."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", "text/html; charset=utf-8")
+    handler.send_header("Content-Length", str(len(page)))
+    handler.send_header("Content-Security-Policy", FORM_CSP)
+    handler.send_header("Cache-Control", "no-store")
+    handler.send_header("Referrer-Policy", "no-referrer")
+    handler.send_header("X-Content-Type-Options", "nosniff")
+    handler.send_header("X-Frame-Options", "DENY")
+    handler.send_header("Connection", "close")
+    handler.end_headers()
+    handler.wfile.write(page)
+    handler.close_connection = True
 
 
 def open_browser(url):
@@ -1972,17 +1978,7 @@ class CallbackServer:
 
             def _send(self, status, title, text):
                 import html
-                page = form_page(title, "<p>%s</p>" % html.escape(text))
-                self.send_response(status)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(page)))
-                self.send_header("Content-Security-Policy", FORM_CSP)
-                self.send_header("Cache-Control", "no-store")
-                self.send_header("Referrer-Policy", "no-referrer")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(page)
-                self.close_connection = True
+                send_local_page(self, status, form_page(title, "<p>%s</p>" % html.escape(text)))
 
         return Handler
 
