@@ -24,7 +24,7 @@ test: check-python
 build:
 	bash build.sh
 
-# NOTE: bench/bench.py does not exist yet; this target is the place the benchmark will run from.
+# Measures the proxy against a direct connection and rewrites docs/benchmarks.md.
 bench: check-python
 	bash tests/bootstrap.sh $(PY)
 	$(VENV)/bin/python bench/bench.py

@@ -1409,6 +1409,9 @@ class KeyFormServer:
             server_version = "authsome"
             sys_version = ""
 
+            def version_string(self):
+                return self.server_version
+
             def log_message(self, format, *args):
                 pass  # request lines carry the one-time token; nothing is logged
 
@@ -1954,6 +1957,9 @@ class CallbackServer:
         class Handler(BaseHTTPRequestHandler):
             server_version = "authsome"
             sys_version = ""
+
+            def version_string(self):
+                return self.server_version
 
             def log_message(self, format, *args):
                 pass  # the request line carries the authorization code
@@ -4230,9 +4236,12 @@ def relay_upgraded(client, client_reader, upstream):
 # ---------------------------------------------------------------------------------------------
 
 CA_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO",
-                "AWS_CA_BUNDLE", "PIP_CERT", "NPM_CONFIG_CAFILE")
+                "AWS_CA_BUNDLE", "PIP_CERT", "NPM_CONFIG_CAFILE", "NIX_SSL_CERT_FILE",
+                "HTTPLIB2_CA_CERTS", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
+                "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE")
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
-AUTHSOME_SECRET_VARIABLES = ("AUTHSOME_MASTER_KEY", "AUTHSOME_PASSPHRASE")
+AUTHSOME_SECRET_VARIABLES = ("AUTHSOME_MASTER_KEY", "AUTHSOME_PASSPHRASE",
+                             "AUTHSOME_NEW_PASSPHRASE")
 SYSTEM_CA_FILES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt",
                    "/etc/ssl/ca-bundle.pem", "/etc/ssl/cert.pem", "/usr/local/etc/openssl/cert.pem")
 FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
@@ -4244,6 +4253,17 @@ def system_ca_file():
         if candidate and os.path.isfile(candidate):
             return candidate
     return None
+
+
+def node_extra_ca_certs(parent_env, run_ca_pem):
+    """Return the child's NODE_EXTRA_CA_CERTS file: the parent's extra CAs, if any, and the
+    run's CA (Node adds these to its own built-in roots)."""
+    path = parent_env.get("NODE_EXTRA_CA_CERTS")
+    try:
+        with open(path, "rb") as handle:
+            return handle.read().rstrip(b"\n") + b"\n" + run_ca_pem
+    except (OSError, TypeError):
+        return run_ca_pem
 
 
 def build_ca_bundle(parent_env, run_ca_pem):
@@ -4652,7 +4672,7 @@ def run_with_proxy(command, home=None, connection_overrides=None, connect_to=(),
         ca = CertificateAuthority(workdir)
         run_ca_path = os.path.join(workdir, "run-ca.pem")
         bundle_path = os.path.join(workdir, "ca-bundle.pem")
-        _write_private_file(run_ca_path, ca.ca_cert_pem)
+        _write_private_file(run_ca_path, node_extra_ca_certs(os.environ, ca.ca_cert_pem))
         _write_private_file(bundle_path, build_ca_bundle(os.environ, ca.ca_cert_pem))
         proxy = ProxyServer(broker, ca, mapping, limits or limits_from_environment(),
                             deny_unmatched)
@@ -5512,7 +5532,9 @@ def read_new_passphrase(fallback_variable=None):
     """Return the new passphrase from AUTHSOME_NEW_PASSPHRASE (or `fallback_variable`), else ask
     for it twice on the terminal."""
     for variable in ("AUTHSOME_NEW_PASSPHRASE", fallback_variable):
-        if variable and os.environ.get(variable):
+        if variable and variable in os.environ:
+            if not os.environ[variable]:
+                raise UsageError("%s is set but empty; a passphrase must not be empty" % variable)
             return os.environ[variable]
     if not open_terminal_prompt():
         raise UsageError("no terminal to ask for the new passphrase: set AUTHSOME_NEW_PASSPHRASE, "
@@ -5774,6 +5796,10 @@ def wants_json(argv):
 
 
 def main(argv=None):
+    if sys.version_info < (3, 9):
+        sys.stderr.write("error: authsome needs Python 3.9 or newer; this is Python %d.%d\n"
+                         % sys.version_info[:2])
+        return EXIT_UNEXPECTED
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = wants_json(argv)
     parser = build_parser()

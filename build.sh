@@ -40,7 +40,7 @@ EOF
 # magic number, and compiles the source otherwise. The hash-based, unchecked form does not
 # depend on file times, which zip archives store with 2-second precision.
 "$python" -c 'import py_compile, sys
-py_compile.compile(sys.argv[1], cfile=sys.argv[1] + "c", doraise=True,
+py_compile.compile(sys.argv[1], cfile=sys.argv[1] + "c", dfile="authsome.py", doraise=True,
                    invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)' \
     "$staging/authsome.py" || fail "compiling authsome.py failed (see the message above)"
 

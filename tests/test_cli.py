@@ -908,3 +908,12 @@ def test_g2_page_walkthrough(home, tmp_path):
 
     for key in (G2_KEY, G2_PERSONAL_KEY, G2_TEAM_KEY, G2_ROTATED_KEY):
         assert_no_secret_in_tree(authsome_home, key)
+
+
+def test_init_rejects_empty_new_passphrase(home):
+    env = dict(home.env, AUTHSOME_NEW_PASSPHRASE="")
+    result = run_cli(["init", "--passphrase"], env)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: AUTHSOME_NEW_PASSPHRASE is set but empty; a "
+                                     "passphrase must not be empty")
+    assert not (home.path / "vault.bin").exists()

@@ -185,7 +185,9 @@ def test_child_environment_variables(home, test_ca, tmp_path):
     script = tmp_path / "env_dump.py"
     script.write_text(ENV_DUMP)
     parent = run_env(home, test_ca, NO_PROXY="internal.example,.g2.com", no_proxy="g2.com",
-                     AUTHSOME_MASTER_KEY="", G2_API_TOKEN="inherited-value")
+                     AUTHSOME_MASTER_KEY="", G2_API_TOKEN="inherited-value",
+                     AUTHSOME_NEW_PASSPHRASE="new-passphrase-value",
+                     AUTHSOME_PASSPHRASE="unused-passphrase-value")
 
     result = authsome_run(parent, [], [sys.executable, str(script), str(env_file)])
 
@@ -205,6 +207,11 @@ def test_child_environment_variables(home, test_ca, tmp_path):
         assert env[name] == env["SSL_CERT_FILE"]
     assert env["NODE_EXTRA_CA_CERTS"] != env["SSL_CERT_FILE"]
     assert "AUTHSOME_MASTER_KEY" not in env
+    assert "AUTHSOME_PASSPHRASE" not in env
+    assert "AUTHSOME_NEW_PASSPHRASE" not in env
+    for name in ("NIX_SSL_CERT_FILE", "HTTPLIB2_CA_CERTS", "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
+                 "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE"):
+        assert env[name] == env["SSL_CERT_FILE"]
 
 
 def test_ca_bundle_contents(home, test_ca, tmp_path):
@@ -220,11 +227,15 @@ def test_ca_bundle_contents(home, test_ca, tmp_path):
         "  'file_modes': [stat.S_IMODE(os.stat(os.path.join(folder, n)).st_mode)\n"
         "                 for n in os.listdir(folder)]}))\n")
 
-    result = authsome_run(run_env(home, test_ca), [], [sys.executable, str(script)])
+    parent = run_env(home, test_ca, NODE_EXTRA_CA_CERTS=str(test_ca.ca_pem_path))
+    result = authsome_run(parent, [], [sys.executable, str(script)])
 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["run_ca"].strip() in report["bundle"]
+    test_ca_pem = test_ca.ca_pem_path.read_text().strip()
+    assert report["run_ca"].startswith(test_ca_pem)  # the parent's extra CAs stay for Node
+    assert report["run_ca"].count("BEGIN CERTIFICATE") == 2
+    assert report["run_ca"].split(test_ca_pem)[1].strip() in report["bundle"]
     assert test_ca.ca_pem_path.read_text().strip() in report["bundle"]
     assert report["bundle"].count("BEGIN CERTIFICATE") > 3  # system roots are included
     assert report["folder_mode"] == 0o700
