@@ -1401,19 +1401,10 @@ class KeyFormServer:
             self.httpd.server_close()
 
     def _handler_class(self):
-        from http.server import BaseHTTPRequestHandler
         from urllib.parse import parse_qs, urlsplit
         form = self
 
-        class Handler(BaseHTTPRequestHandler):
-            server_version = "authsome"
-            sys_version = ""
-
-            def version_string(self):
-                return self.server_version
-
-            def log_message(self, format, *args):
-                pass  # request lines carry the one-time token; nothing is logged
+        class Handler(loopback_handler_base()):
 
             def do_GET(self):
                 parts = urlsplit(self.path)
@@ -1475,6 +1466,24 @@ class KeyFormServer:
                 send_local_page(self, status, page)
 
         return Handler
+
+
+@functools.lru_cache(maxsize=None)
+def loopback_handler_base():
+    """Return the base request handler of the loopback login servers (http.server is imported
+    on first use, because most commands never serve a page)."""
+    from http.server import BaseHTTPRequestHandler
+
+    class LoopbackHandler(BaseHTTPRequestHandler):
+        server_version = "authsome"
+
+        def version_string(self):
+            return self.server_version
+
+        def log_message(self, format, *args):
+            pass  # request lines carry one-time tokens and authorization codes; nothing is logged
+
+    return LoopbackHandler
 
 
 def send_local_page(handler, status, page):
@@ -1950,19 +1959,10 @@ class CallbackServer:
                 "terminal.")
 
     def _handler_class(self):
-        from http.server import BaseHTTPRequestHandler
         from urllib.parse import parse_qs, urlsplit
         callback = self
 
-        class Handler(BaseHTTPRequestHandler):
-            server_version = "authsome"
-            sys_version = ""
-
-            def version_string(self):
-                return self.server_version
-
-            def log_message(self, format, *args):
-                pass  # the request line carries the authorization code
+        class Handler(loopback_handler_base()):
 
             def do_GET(self):
                 parts = urlsplit(self.path)
