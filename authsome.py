@@ -1375,6 +1375,17 @@ class KeyFormServer:
         self.url = "http://127.0.0.1:%d/?token=%s" % (self.port, self.token)
         self.fallback = self.port != port
 
+    def render(self, error=None):
+        return key_form(self.provider, self.token, error)
+
+    def check(self, fields):
+        return self.accept(fields.get("key", ""))
+
+    def saved_page(self):
+        done = ('<p class="ok">Your %s key is saved. You can close this tab.</p>'
+                % self.provider.display_name)
+        return form_page("Logged in to %s" % self.provider.display_name, done)
+
     def _bind(self, port):
         from http.server import ThreadingHTTPServer
         handler = self._handler_class()
@@ -1413,7 +1424,7 @@ class KeyFormServer:
                     return self._send(404, form_page("Not found", "<p>Nothing here.</p>"))
                 if not hmac.compare_digest(token.encode(), form.token.encode()):
                     return self._reject_token()
-                self._send(200, key_form(form.provider, form.token))
+                self._send(200, form.render())
 
             def do_POST(self):
                 if urlsplit(self.path).path != "/submit" or not self._host_ok():
@@ -1425,7 +1436,7 @@ class KeyFormServer:
                 if not hmac.compare_digest(token.encode(), form.token.encode()):
                     return self._reject_token()
                 try:
-                    error = form.accept(fields.get("key", ""))
+                    error = form.check(fields)
                 except AuthsomeError as exc:
                     import html
                     form.failure = exc
@@ -1434,10 +1445,8 @@ class KeyFormServer:
                     form.done.set()
                     return
                 if error:
-                    return self._send(400, key_form(form.provider, form.token, error))
-                done = ('<p class="ok">Your %s key is saved. You can close this tab.</p>'
-                        % form.provider.display_name)
-                self._send(200, form_page("Logged in to %s" % form.provider.display_name, done))
+                    return self._send(400, form.render(error))
+                self._send(200, form.saved_page())
                 form.done.set()
 
             def _read_form(self):
@@ -1466,6 +1475,48 @@ class KeyFormServer:
                 send_local_page(self, status, page)
 
         return Handler
+
+
+def client_form(provider, token, client_id, wants_secret, error=None):
+    """Render the form that collects an OAuth client ID (unless given) and client secret."""
+    import html
+    error_line = '<p class="error" role="alert">%s</p>' % html.escape(error) if error else ""
+    if client_id:
+        id_field = "<p>Client ID: <code>%s</code></p>" % html.escape(client_id)
+    else:
+        id_field = ('<label for="client_id">Client ID</label>'
+                    '<input type="text" id="client_id" name="client_id" autocomplete="off" '
+                    'autocapitalize="off" spellcheck="false" required autofocus>')
+    secret_field = ('<label for="client_secret">Client secret (leave empty for a public '
+                    'client)</label><input type="password" id="client_secret" '
+                    'name="client_secret" autocomplete="new-password" autocapitalize="off" '
+                    'spellcheck="false">') if wants_secret else ""
+    body = ('<p>Enter the OAuth client that you registered with %s. It is stored encrypted on '
+            'this machine and reused by later logins.</p><form method="post" action="/submit" '
+            'autocomplete="off"><input type="hidden" name="token" value="%s">%s%s'
+            '<button type="submit">Continue</button></form>'
+            % (html.escape(provider.display_name), html.escape(token), id_field, secret_field))
+    return form_page("%s OAuth client" % provider.display_name, body, error_line)
+
+
+class ClientFormServer(KeyFormServer):
+    """The one-shot local form that collects an OAuth client ID and secret in the browser."""
+
+    def __init__(self, provider, accept, port, client_id, wants_secret):
+        self.client_id = client_id
+        self.wants_secret = wants_secret
+        super().__init__(provider, accept, port)
+
+    def render(self, error=None):
+        return client_form(self.provider, self.token, self.client_id, self.wants_secret, error)
+
+    def check(self, fields):
+        return self.accept(fields)
+
+    def saved_page(self):
+        done = ('<p class="ok">The client is saved. The %s authorization page opens next; you '
+                'can close this tab.</p>' % self.provider.display_name)
+        return form_page("%s OAuth client" % self.provider.display_name, done)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1829,17 +1880,54 @@ def prompt_visible(prompt):
     return line.rstrip("\r\n")
 
 
+def client_value_problem(value, what):
+    """Return why an OAuth client ID or secret is unusable, or None when it is acceptable."""
+    if not value or CONTROL_CHARS_RE.search(value) or re.search(r"\s", value) or len(value) > 1024:
+        return ("the OAuth %s is empty, too long, or contains spaces or control characters"
+                % what)
+    return None
+
+
 def check_client_value(value, what):
-    if not value or CONTROL_CHARS_RE.search(value) or value != value.strip() or len(value) > 1024:
-        raise LoginError("the OAuth %s is empty, too long, or contains spaces or control "
-                         "characters; nothing was stored" % what)
+    problem = client_value_problem(value, what)
+    if problem:
+        raise LoginError("%s; nothing was stored" % problem)
     return value
+
+
+def ask_client_in_browser(provider, client_id, wants_secret, port=LOGIN_PORT, out=None):
+    """Collect the OAuth client ID (unless given) and secret with the local browser form;
+    returns (client ID, secret or None)."""
+    out = out or sys.stderr
+    result = {}
+
+    def accept(fields):
+        typed_id = client_id or fields.get("client_id", "").strip()
+        secret = fields.get("client_secret", "") if wants_secret else ""
+        problem = client_value_problem(typed_id, "client ID")
+        if not problem and secret:
+            problem = client_value_problem(secret, "client secret")
+        if problem:
+            return problem
+        result.update(client_id=typed_id, client_secret=secret or None)
+        return None
+
+    server = ClientFormServer(provider, accept, port, client_id, wants_secret)
+    out.write("Opening the OAuth client form for %s. If no browser opens, visit:\n  %s\n"
+              % (provider.display_name, server.url))
+    out.flush()
+    open_browser(server.url)
+    server.serve()
+    if result.get("client_secret"):
+        secret_filter.register(result["client_secret"])
+    return result["client_id"], result["client_secret"]
 
 
 def collect_client(provider, stored, client_id=None, secret_mode="prompt", stdin=None):
     """Return the client to log in with.
 
-    The ID comes from --client-id, else the stored client, else a prompt. The secret, when the
+    The ID comes from --client-id, else the stored client, else the browser form (`secret_mode`
+    "browser", which also asks for a secret not stored yet) or a prompt. The secret, when the
     token endpoint authenticates clients, comes from standard input (`secret_mode` "stdin":
     standard input contains only the client secret, empty to keep the stored one), else the stored
     client with the same ID, else a hidden prompt. It is never taken from argv. An empty secret
@@ -1847,6 +1935,13 @@ def collect_client(provider, stored, client_id=None, secret_mode="prompt", stdin
     """
     stored = stored or {}
     client_id = client_id or stored.get("client_id")
+    method = provider.oauth.get("token_endpoint_auth_method") or "client_secret_post"
+    typed_secret = None
+    if secret_mode == "browser":
+        known = bool(client_id) and stored.get("client_id") == client_id  # secret stored with it
+        wants_secret = method != "none" and not known
+        if not client_id or wants_secret:
+            client_id, typed_secret = ask_client_in_browser(provider, client_id, wants_secret)
     if not client_id:
         if secret_mode == "stdin":
             raise LoginError("%s needs an OAuth client ID: pass it with --client-id (with --stdin, "
@@ -1854,7 +1949,6 @@ def collect_client(provider, stored, client_id=None, secret_mode="prompt", stdin
         client_id = prompt_visible("%s OAuth client ID: " % provider.display_name).strip()
     check_client_value(client_id, "client ID")
     same = stored.get("client_id") == client_id
-    method = provider.oauth.get("token_endpoint_auth_method") or "client_secret_post"
     secret = stored.get("client_secret") if same else None
     if same and stored.get("registered"):
         method = token_auth_method(provider, stored)
@@ -1862,6 +1956,8 @@ def collect_client(provider, stored, client_id=None, secret_mode="prompt", stdin
         secret = None
     elif secret_mode == "stdin":
         secret = read_stdin_secret(stdin) or secret
+    elif secret_mode == "browser":
+        secret = typed_secret or secret
     elif not same:
         secret = prompt_hidden("%s OAuth client secret (input hidden; leave empty for a public "
                                "client): " % provider.display_name) or None
@@ -2230,7 +2326,7 @@ def oauth_login(home, provider, connection, flow=None, scopes=None, base_url=Non
                 err=None, clock=None, sleep=None):
     """Log in to an OAuth2 provider and store the token record and the client; return the record.
 
-    `secret_mode` is "prompt" or "stdin" (see collect_client); `browser` opens the user's
+    `secret_mode` is "prompt", "browser" or "stdin" (see collect_client); `browser` opens the user's
     browser; `clock` and `sleep` drive device polling in tests.
     """
     err = err or sys.stderr
@@ -5572,10 +5668,14 @@ def login_command(ctx, args, out):
 
 def login_oauth(ctx, provider, connection, args, out):
     scopes = parse_scope_list(args.scopes) if args.scopes is not None else None
+    browser = has_graphical_session() and not args.no_browser
+    if args.stdin:
+        secret_mode = "stdin"
+    else:
+        secret_mode = "browser" if browser else "prompt"
     record = oauth_login(ctx.home, provider, connection, flow=args.flow, scopes=scopes,
                          base_url=args.base_url, client_id=args.client_id,
-                         secret_mode="stdin" if args.stdin else "prompt", port=args.port,
-                         browser=has_graphical_session() and not args.no_browser, err=ctx.err)
+                         secret_mode=secret_mode, port=args.port, browser=browser, err=ctx.err)
     return {"provider": provider.name, "connection": connection,
             "status": record_status(record), "changed": True, "scopes": record["scopes"],
             "expires_at": record["expires_at"],

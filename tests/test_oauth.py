@@ -1180,3 +1180,46 @@ def test_revoke_removes_connections_and_client(home, test_ca, provider):
     document = vault_document(home)
     assert "acme" not in document["credentials"]
     assert "acme" not in document["clients"]
+
+
+def post_client_form(form_url, fields):
+    """Play the browser at the OAuth client form: load it, then post `fields` with its token."""
+    parts = urlsplit(form_url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    connection.request("GET", "%s?%s" % (parts.path, parts.query))
+    page = connection.getresponse().read().decode()
+    token = dict(item.split("=", 1) for item in parts.query.split("&"))["token"]
+    body = urlencode(dict(fields, token=token))
+    connection.request("POST", "/submit", body=body,
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+    response = connection.getresponse()
+    answer = response.read().decode()
+    connection.close()
+    return page, response.status, answer
+
+
+def test_browser_form_collects_client(home, test_ca, provider):
+    write_provider(home, provider_definition(provider))
+    env = cli_env(home, test_ca, graphical=True)
+    login = LoginProcess(env, ["acme"])
+    form_url = login.wait_for_line(r"^\s+(http://127\.0\.0\.1:\d+/\?token=\S+)$").group(1)
+
+    page, status, answer = post_client_form(form_url, {"client_id": "bad id",
+                                                       "client_secret": CLIENT_SECRET})
+    assert 'name="client_id"' in page
+    assert 'type="password" id="client_secret"' in page
+    assert status == 400
+    assert "client ID is empty, too long, or contains spaces" in answer
+    page, status, answer = post_client_form(form_url, {"client_id": CLIENT_ID,
+                                                       "client_secret": CLIENT_SECRET})
+    assert status == 200, answer
+    location_status, location = ask_authorization(login.authorize_url(), test_ca)
+    assert location_status == 302
+    assert open_callback(location)[0] == 200
+    code, stdout, stderr = login.finish()
+
+    assert code == 0, stderr
+    assert provider.problems == []
+    client = vault_document(home)["clients"]["acme"]
+    assert (client["client_id"], client["client_secret"]) == (CLIENT_ID, CLIENT_SECRET)
+    assert_no_secrets(provider, home, stdout, stderr)
