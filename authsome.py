@@ -1763,7 +1763,10 @@ def parse_token_response(status, content_type, body, what, error_class):
         raise error_class("the %s responded with HTTP %d and a body that is neither JSON nor form "
                           "encoded" % (what, status))
     if document.get("error"):
-        raise error_class("the %s rejected the request: %s" % (what, oauth_error_text(document)))
+        failure = error_class("the %s rejected the request: %s"
+                              % (what, oauth_error_text(document)))
+        failure.oauth_error = str(document["error"])
+        raise failure
     if not 200 <= status < 300:
         raise error_class("the %s responded with HTTP %d" % (what, status))
     access_token = document.get("access_token")
@@ -2416,6 +2419,12 @@ def refresh_token_record(home, vault, provider, record):
         except RefreshError as exc:
             audit(home, "refresh", provider=provider.name, connection=connection,
                   outcome="failed")
+            rejected = getattr(exc, "oauth_error", None) == "invalid_grant"
+            if rejected and record_status(latest) == STATUS_EXPIRED:
+                # RFC 6749 section 5.2: the refresh token is invalid, expired or revoked, so no
+                # retry can succeed. With the access token expired too, the record is marked
+                # invalid until the next login; a still-valid access token stays usable.
+                latest = mark_record_invalid(vault, provider.name, connection, latest)
             failure = RefreshError("refreshing the %s token (connection %s) failed: %s"
                                    % (provider.name, connection, exc))
             failure.record = latest
@@ -2434,6 +2443,20 @@ def refresh_token_record(home, vault, provider, record):
         audit(home, "refresh", provider=provider.name, connection=connection,
               outcome="refreshed" if kept else "discarded")
         return fresh
+
+
+def mark_record_invalid(vault, provider_name, connection, record):
+    """Store status `invalid` on a record whose refresh token the provider rejected, unless a
+    newer login replaced it meanwhile; returns the record as now stored."""
+    invalid = dict(record, status=STATUS_INVALID, updated_at=iso_time())
+
+    def mutate(document):
+        stored = find_record(document, provider_name, connection)
+        if stored is not None and stored.get("refresh_token") == record.get("refresh_token"):
+            put_record(document, invalid)
+
+    vault.update(mutate)
+    return invalid
 
 
 def ensure_fresh(home, vault, provider, record, warn):

@@ -1097,7 +1097,7 @@ def test_failed_refresh_after_expiry(home, test_ca, provider):
     assert result.returncode == 6
     assert result.stderr.strip().splitlines()[-1].endswith("run: authsome login acme")
     assert "invalid_grant" in result.stderr
-    assert status.stdout.strip() == "expired"
+    assert status.stdout.strip() == "invalid"  # the provider rejected the refresh token
     assert_no_secret("rt-unknown-to-server-5678", result.stderr, status.stderr)
     assert_no_secret("at-expired-1234", result.stderr, status.stderr)
 
