@@ -101,27 +101,46 @@ def percentile(values, fraction):
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def download(target, size):
-    connection = target.connect()
-    started = time.perf_counter()
-    status, length = connection.request("/bytes/%d" % size)
-    elapsed = time.perf_counter() - started
-    connection.close()
-    assert status == 200 and length == size
-    return {"mib_per_s": size / (1024 * 1024) / elapsed}
+def download(target, size, rounds=5):
+    """Median speed of `rounds` downloads of `size` bytes, each on a new connection."""
+    speeds = []
+    for _ in range(rounds):
+        connection = target.connect()
+        started = time.perf_counter()
+        status, length = connection.request("/bytes/%d" % size)
+        elapsed = time.perf_counter() - started
+        connection.close()
+        assert status == 200 and length == size
+        speeds.append(size / (1024 * 1024) / elapsed)
+    return {"mib_per_s": statistics.median(speeds)}
+
+
+def proxy_cpu_seconds():
+    """CPU time (user + system) used so far by the parent process, from /proc; None if absent."""
+    try:
+        with open("/proc/%d/stat" % os.getppid()) as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def keepalive(target, count):
     connection = target.connect()
     connection.request("/small")  # warm-up
     timings = []
+    cpu_before = proxy_cpu_seconds()
     for _ in range(count):
         started = time.perf_counter()
         status, _ = connection.request("/small")
         timings.append(time.perf_counter() - started)
         assert status == 200
+    cpu_after = proxy_cpu_seconds()
     connection.close()
-    return {"p50_ms": percentile(timings, 0.5) * 1000, "p99_ms": percentile(timings, 0.99) * 1000}
+    result = {"p50_ms": percentile(timings, 0.5) * 1000, "p99_ms": percentile(timings, 0.99) * 1000}
+    if target.proxy is not None and cpu_before is not None:
+        result["proxy_cpu_us"] = (cpu_after - cpu_before) / count * 1e6
+    return result
 
 
 def new_connections(target, count):
