@@ -82,7 +82,7 @@ def client_command(client, tmp_path, url):
 
 
 def quiet_handler(exchange):
-    """Answer without echoing the request, so the key cannot come back in the body."""
+    """Respond without echoing the request, so the key cannot come back in the body."""
     return 200, [("Content-Type", "application/json")], b'{"ok": true}\n'
 
 
@@ -196,10 +196,12 @@ def test_child_environment_variables(home, test_ca, tmp_path):
     assert env["G2_API_TOKEN"] == PLACEHOLDER
     assert env["NO_PROXY"].split(",") == ["internal.example", "localhost", "127.0.0.1", "::1"]
     assert env["no_proxy"] == env["NO_PROXY"]
-    assert "dropped" in result.stderr and ".g2.com" in result.stderr
+    assert "dropped" in result.stderr
+    assert ".g2.com" in result.stderr
     assert env["NODE_USE_ENV_PROXY"] == "1"
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        assert env[name].startswith("http://authsome:") and "@127.0.0.1:" in env[name]
+        assert env[name].startswith("http://authsome:")
+        assert "@127.0.0.1:" in env[name]
     bundle = open(env["SSL_CERT_FILE"]).read() if os.path.exists(env["SSL_CERT_FILE"]) else None
     assert bundle is None  # the run's temp folder is removed when the run ends
     for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO", "AWS_CA_BUNDLE",
@@ -343,7 +345,8 @@ def test_run_connection_override(home, test_ca, origin):
     first = authsome_run(run_env(home, test_ca), [g2], fetch)
     second = authsome_run(run_env(home, test_ca), [g2], fetch, options=["--connection", "g2=team"])
 
-    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
     requests = g2.wait_for_requests(2)
     assert authorization_values(requests[0]) == ["Token personal-key-123"]
     assert authorization_values(requests[1]) == ["Token team-key-456"]
