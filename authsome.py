@@ -1944,7 +1944,9 @@ def collect_client(provider, stored, client_id=None, secret_mode="prompt", stdin
         known = bool(client_id) and stored.get("client_id") == client_id  # secret stored with it
         wants_secret = method != "none" and not known
         if not client_id or wants_secret:
-            client_id, typed_secret = ask_client_in_browser(provider, client_id, wants_secret)
+            port = int(os.environ.get("AUTHSOME_LOGIN_PORT") or LOGIN_PORT)
+            client_id, typed_secret = ask_client_in_browser(provider, client_id, wants_secret,
+                                                            port)
     if not client_id:
         if secret_mode == "stdin":
             raise LoginError("%s needs an OAuth client ID: pass it with --client-id (with --stdin, "
