@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """authsome: a local credential broker for AI agents.
 
-One file, standard library only (CPython 3.9+). A person logs in to a service once; authsome
+One file, standard library only (CPython 3.9+). A person logs in to a service once, and authsome
 keeps the API key or OAuth token in an encrypted vault under $AUTHSOME_HOME (default
-~/.authsome); `authsome run -- COMMAND` starts COMMAND behind a local proxy that adds the real
-credential to its HTTPS requests for that service, while the child's environment holds only a
-placeholder.
+~/.authsome). `authsome run -- COMMAND` starts COMMAND behind a local proxy that adds the real
+credential to its HTTPS requests for that service, while the child's environment contains only
+a placeholder.
 
 Threat model: the secret is kept out of the agent's environment, argv, logs and memory, and out
 of copies of the home folder. In key-file mode a process of the same user can still read the key
@@ -234,7 +234,7 @@ def _acquire_lock(fd, deadline, path, what):
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
             if time.monotonic() > deadline:
-                raise VaultError("%s is busy: another authsome process holds %s; retry when it "
+                raise VaultError("%s is busy: another authsome process has locked %s; retry when it "
                                  "finishes" % (what, path))
             time.sleep(0.01)
     else:
@@ -245,7 +245,7 @@ def _acquire_lock(fd, deadline, path, what):
                 return
             except OSError:
                 if time.monotonic() > deadline:
-                    raise VaultError("%s is busy: another authsome process holds %s" % (what, path))
+                    raise VaultError("%s is busy: another authsome process has locked %s" % (what, path))
                 time.sleep(0.01)
 
 
@@ -264,8 +264,9 @@ def b64decode(text, what):
 # crypto primitives
 # ---------------------------------------------------------------------------------------------
 # The standard library has no AES, so the vault uses an encrypt-then-MAC AEAD built from
-# HMAC-SHA256: keys split with HKDF (RFC 5869), a keystream of HMAC blocks over nonce and
-# counter, and an HMAC tag over the length-prefixed associated data, nonce and ciphertext.
+# HMAC-SHA256. HKDF (RFC 5869) splits the key in two. The keystream is HMAC blocks over nonce
+# and counter, and the tag is an HMAC over the length-prefixed associated data, nonce and
+# ciphertext.
 
 NONCE_SIZE = 16
 TAG_SIZE = 32
@@ -1029,7 +1030,7 @@ def load_provider_file(path, source="custom"):
 # ---------------------------------------------------------------------------------------------
 # credential records
 # ---------------------------------------------------------------------------------------------
-# The vault document holds credentials[provider][connection] = record, defaults[provider] =
+# The vault document contains credentials[provider][connection] = record, defaults[provider] =
 # connection name, and clients[provider] = OAuth client record. Secret fields of a record are
 # listed in SECRET_FIELDS; everything else is safe to print.
 
@@ -1538,8 +1539,9 @@ def loopback_handler_base():
 
 
 def send_local_page(handler, status, page):
-    """Send an HTML page from a loopback login server with headers that keep it offline and
-    out of caches and frames; the connection closes after it."""
+    """Send an HTML page from a loopback login server and close the connection.
+
+    The headers keep the page offline (strict CSP) and out of caches and frames."""
     handler.send_response(status)
     handler.send_header("Content-Type", "text/html; charset=utf-8")
     handler.send_header("Content-Length", str(len(page)))

@@ -205,7 +205,12 @@ def format_targets(results, run_true_ms):
     ]
     lines = ["| target | measured | met |", "|---|---|---|"]
     for label, value, unit, limit, at_least in checks:
-        met = value >= limit if at_least else (value <= limit if unit == "errors" else value < limit)
+        if at_least:
+            met = value >= limit
+        elif unit == "errors":
+            met = value <= limit
+        else:
+            met = value < limit
         lines.append("| %s | %.2f %s | %s |" % (label, value, unit, "yes" if met else "no"))
     return "\n".join(lines)
 
@@ -247,7 +252,7 @@ def main():
               "the peak resident size of the `authsome run` process (VmHWM).\n\n%s\n\n"
               "## Targets\n\n%s\n\n"
               "The throughput and concurrency targets are not met here. On two cores the origin, "
-              "the proxy and the client compete for CPU, and an intercepted connection makes the "
+              "the proxy and the client compete for CPU. An intercepted connection makes the "
               "proxy decrypt and re-encrypt every byte, so it adds about as much TLS work as "
               "both ends of a direct connection together. Each intercepted request also runs "
               "Python code in the proxy (parsing, routing, injection, the audit entry), which the "

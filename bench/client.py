@@ -110,7 +110,8 @@ def download(target, size, rounds=5):
         status, length = connection.request("/bytes/%d" % size)
         elapsed = time.perf_counter() - started
         connection.close()
-        assert status == 200 and length == size
+        assert status == 200
+        assert length == size
         speeds.append(size / (1024 * 1024) / elapsed)
     return {"mib_per_s": statistics.median(speeds)}
 

@@ -1330,7 +1330,7 @@ def test_slow_headers_and_idle_timeouts(lab, tmp_path):
             wire = quick.tunnel()
             started = time.monotonic()
             # One thread both trickles and reads: an SSLSocket must not be used from two
-            # threads at once. Between bytes, wait 0.1 s for the proxy's answer.
+            # threads at once. Between bytes, wait 0.1 s for the proxy's response.
             try:
                 for byte in request_bytes("GET", "/slow"):
                     wire.send(bytes([byte]))
